@@ -1,0 +1,1 @@
+"""Turns folders and caption files into index entries (scan, decode in workers, embed, store)."""

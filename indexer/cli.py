@@ -1,0 +1,472 @@
+"""The `crossmodal` command line: flags -> library calls, typed exceptions -> messages and exit codes.
+
+Exit codes: 0 success, 2 user error (one line on stderr), 1 unexpected failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_WEIGHT, HOME_ENV, default_home
+from retrieval.errors import CrossmodalError, UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="crossmodal",
+    help=(
+        "Search your photos by meaning: index folders and caption files with a CLIP model, then query "
+        "text->image, image->image, text+image and image->text.\n\n"
+        "Examples:\n\n"
+        "  crossmodal index ~/Pictures\n\n"
+        "  crossmodal search \"a dog running on a beach\" -k 20\n\n"
+        "  crossmodal caption photo.jpg -k 5"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+_state: dict[str, Path] = {}
+
+
+def _home() -> Path:
+    return _state.get("home") or default_home()
+
+
+def _err(message: str) -> None:
+    typer.echo(f"crossmodal: {message}", err=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library exceptions into one line and an exit code; tracebacks only with CROSSMODAL_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UserError as e:
+            _err(f"error: {e}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err("interrupted; everything committed so far is kept")
+            raise typer.Exit(130) from None
+        except (CrossmodalError, Exception) as e:  # noqa: BLE001
+            if os.environ.get("CROSSMODAL_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _err(f"internal error: {type(e).__name__}: {first} (set CROSSMODAL_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from retrieval import __version__
+
+        typer.echo(f"crossmodal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    home: Annotated[Path | None, typer.Option(
+        "--home", envvar=HOME_ENV, help="Index folder [env CROSSMODAL_HOME; default: the user data dir]")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Global options."""
+    if home is not None:
+        _state["home"] = home.expanduser()
+
+
+# ---- shared options -------------------------------------------------------------------------------
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="open_clip model name (default ViT-B-32; queries use the index's recorded model)")]
+PretrainedOpt = Annotated[str | None, typer.Option(
+    "--pretrained", help="Pretrained tag (default laion2b_s34b_b79k) or a local checkpoint file")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on CPUs with fast bf16)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+KOpt = Annotated[int, typer.Option("-k", "--top-k", min=1, max=100_000, help="Number of results.")]
+
+
+def _progress_printer(label: str, quiet: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A rich progress bar on a terminal, plain periodic lines otherwise, nothing when quiet."""
+    if quiet:
+        return (lambda done, total: None), (lambda: None)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                       console=Console(stderr=True), transient=False)
+        task = bar.add_task(label, total=None, rate="")
+        started = time.perf_counter()
+        bar.start()
+
+        def update(done: int, total: int) -> None:
+            if total == 0:
+                return
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done, total=total, rate=f"{rate:6.1f} {label}/s")
+
+        return update, bar.stop
+    state = {"last": 0.0, "started": time.perf_counter()}
+
+    def plain(done: int, total: int) -> None:
+        if total == 0:
+            return
+        now = time.perf_counter()
+        if now - state["last"] < 5.0 and done < total:
+            return
+        state["last"] = now
+        rate = done / max(now - state["started"], 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        typer.echo(f"{label}: {done}/{total} ({rate:.1f}/s, ETA {int(eta // 60)}:{int(eta % 60):02d})",
+                   err=True)
+
+    return plain, (lambda: None)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=None))
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c, justify="right" if c in ("rank", "score", "id", "count") else "left",
+                         overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
+
+
+# ---- index ----------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.")],
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = DEFAULT_BATCH_SIZE,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=0, max=64, help="Decode processes (0: decode in the main process)")] = None,
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Embed every image under the given folders. Re-runs skip files already indexed (same path, size, mtime).
+
+    Examples:
+
+      crossmodal index ~/Pictures
+
+      crossmodal index ~/Pictures --model ViT-B-32 --pretrained /models/vit-b-32.pt --json
+    """
+    from indexer.pipeline import index_paths
+    from retrieval.encoder import load_encoder
+    from retrieval.session import check_encoder, checkpoint_stat, requested_spec
+    from retrieval.store import Store
+
+    for p in paths:
+        if not p.expanduser().exists():
+            raise UserError(f"no such file or folder: {p}")
+    with Store.open(_home(), create=True, writable=True) as store:
+        spec, sha = requested_spec(store, model, pretrained, device, precision)
+        encoder = load_encoder(spec, checkpoint_sha=sha)
+        check_encoder(store, encoder)
+        store.bind_model(encoder.fingerprint,
+                         checkpoint_stat(encoder.fingerprint.pretrained)
+                         if encoder.fingerprint.weights.startswith("sha256:") else None)
+        if not quiet and not json_out:
+            typer.echo(f"model {encoder.fingerprint.describe()} on {encoder.device} ({encoder.precision})",
+                       err=True)
+        update, stop = _progress_printer("images", quiet)
+        try:
+            report = index_paths(store, encoder, [str(p) for p in paths], batch_size=batch_size,
+                                 workers=workers, progress=update)
+        finally:
+            stop()
+        total = store.count("image")
+    if json_out:
+        _print_json(report.to_json())
+        return
+    for path, reason in report.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    _table("index", ["what", "count"], [
+        ["added", str(report.added)], ["updated", str(report.updated)],
+        ["already indexed", str(report.unchanged)], ["skipped", str(len(report.skipped))],
+        ["images in index", str(total)], ["seconds", f"{report.seconds:.1f}"],
+        ["images/s", f"{report.images_per_second:.1f}"],
+    ])
+
+
+# ---- add-texts ------------------------------------------------------------------------------------
+@app.command("add-texts")
+@handle_errors
+def add_texts(
+    file: Annotated[Path, typer.Argument(help="Captions: .txt (one per line), .csv/.tsv, or .jsonl")],
+    corpus: Annotated[str | None, typer.Option("--corpus", help="Corpus name (default: file name)")] = None,
+    column: Annotated[str | None, typer.Option("--column", help="CSV/TSV column with the captions")] = None,
+    field: Annotated[str | None, typer.Option("--field", help="JSONL field with the captions")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Add a caption corpus (duplicates within a corpus are stored once; re-adding adds only new lines).
+
+    Examples:
+
+      crossmodal add-texts captions.csv --column caption --corpus alt-texts
+
+      crossmodal add-texts notes.txt
+    """
+    from indexer.texts import add_corpus, read_corpus
+    from retrieval.encoder import load_encoder
+    from retrieval.session import check_encoder, checkpoint_stat, requested_spec
+    from retrieval.store import Store
+
+    read_corpus(file, column, field)  # fail on a bad file before loading any model
+    with Store.open(_home(), create=True, writable=True) as store:
+        spec, sha = requested_spec(store, model, pretrained, device, precision)
+        encoder = load_encoder(spec, checkpoint_sha=sha)
+        check_encoder(store, encoder)
+        store.bind_model(encoder.fingerprint,
+                         checkpoint_stat(encoder.fingerprint.pretrained)
+                         if encoder.fingerprint.weights.startswith("sha256:") else None)
+        update, stop = _progress_printer("captions", quiet or json_out)
+        try:
+            report = add_corpus(store, encoder, file, corpus, column, field, progress=update)
+        finally:
+            stop()
+    if json_out:
+        _print_json(report.to_json())
+    else:
+        typer.echo(f"corpus '{report.corpus}': added {report.added} captions, {report.duplicates} "
+                   f"duplicates skipped ({report.seconds:.1f} s)")
+
+
+# ---- queries --------------------------------------------------------------------------------------
+def _searcher(model: str | None, pretrained: str | None, device: str, precision: str):
+    from retrieval.session import open_searcher
+
+    return open_searcher(_home(), model, pretrained, device, precision)
+
+
+def _image_bytes(path: Path) -> bytes:
+    from retrieval.imageio import read_bytes
+
+    return read_bytes(path.expanduser())
+
+
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[str | None, typer.Argument(help="What to look for, in words.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query image (image->image search).")] = None,
+    weight: Annotated[float, typer.Option(
+        "--weight", min=0.0, max=1.0, help="Share of the text when fusing text and --image.")] = DEFAULT_WEIGHT,
+    negative: Annotated[list[str] | None, typer.Option(
+        "--not", help="Text to steer away from (repeatable).")] = None,
+    k: KOpt = DEFAULT_K,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Find images by text, by example image, or both fused.
+
+    Examples:
+
+      crossmodal search "a dog running on a beach" -k 20
+
+      crossmodal search --image query.jpg -k 10
+
+      crossmodal search "at night" --image query.jpg --weight 0.5
+
+      crossmodal search "a red car" --not "people" --json
+    """
+    if (query is None or not query.strip()) and image is None:
+        raise UserError("give a text query, an --image, or both (see `crossmodal search --help`)")
+    data = _image_bytes(image) if image is not None else None
+    searcher = _searcher(model, pretrained, device, precision)
+    q = searcher.query_vector(text=query, image=data, weight=weight, negatives=negative or [])
+    hits = searcher.search_images(q, k)
+    if json_out:
+        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, "path": h.item.path,
+                      "width": h.item.width, "height": h.item.height} for h in hits])
+        return
+    _table(f"{len(hits)} images", ["rank", "score", "path"],
+           [[str(h.rank), f"{h.score:.4f}", h.item.path or ""] for h in hits])
+
+
+@app.command()
+@handle_errors
+def caption(
+    image: Annotated[Path, typer.Argument(help="Image to describe.")],
+    k: KOpt = 5,
+    corpus: Annotated[str | None, typer.Option(
+        "--corpus", help="Only this corpus (builtin:imagenet for the built-in vocabulary).")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Find the captions that best describe an image (from your corpora, else ImageNet class prompts).
+
+    Examples:
+
+      crossmodal caption photo.jpg -k 5
+
+      crossmodal caption photo.jpg --corpus alt-texts --json
+    """
+    data = _image_bytes(image)
+    searcher = _searcher(model, pretrained, device, precision)
+    if searcher.store.count("text") == 0 and not json_out:
+        typer.echo("no caption corpus added yet; using the built-in ImageNet vocabulary "
+                   "(embedded once per model, then cached)", err=True)
+    hits = searcher.caption(data, k, corpus)
+    if json_out:
+        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, "text": h.item.text,
+                      "corpus": h.item.corpus} for h in hits])
+        return
+    _table(f"captions for {image}", ["rank", "score", "text", "corpus"],
+           [[str(h.rank), f"{h.score:.4f}", h.item.text or "", h.item.corpus or ""] for h in hits])
+
+
+@app.command()
+@handle_errors
+def info(json_out: JsonOpt = False) -> None:
+    """What the index holds: model, counts, corpora, size on disk.
+
+    Example:
+
+      crossmodal info --json
+    """
+    from retrieval.store import Store
+
+    with Store.open(_home()) as store:
+        fp = store.fingerprint
+        data = {
+            "home": str(store.home),
+            "model": fp.model if fp else None,
+            "pretrained": fp.pretrained if fp else None,
+            "dim": fp.dim if fp else None,
+            "images": store.count("image"),
+            "texts": store.count("text"),
+            "corpora": store.corpora(),
+        }
+        size = store.size_on_disk()
+        skipped = len(store.skipped())
+    if json_out:
+        _print_json(data)
+        return
+    rows = [[k, str(v)] for k, v in data.items() if k != "corpora"]
+    rows += [[f"corpus {name}", str(n)] for name, n in data["corpora"].items()]
+    rows += [["skipped files", str(skipped)], ["size on disk", f"{size / 1e6:.1f} MB"]]
+    _table("crossmodal index", ["what", "value"], rows)
+
+
+@app.command()
+@handle_errors
+def skipped(json_out: JsonOpt = False) -> None:
+    """List files that could not be indexed, and why.
+
+    Example:
+
+      crossmodal skipped --json
+    """
+    from retrieval.store import Store
+
+    with Store.open(_home()) as store:
+        rows = store.skipped()
+    if json_out:
+        _print_json([{"path": p, "reason": r} for p, r in rows])
+        return
+    _table(f"{len(rows)} skipped files", ["path", "reason"], [[p, r] for p, r in rows])
+
+
+@app.command()
+@handle_errors
+def repair(json_out: JsonOpt = False) -> None:
+    """Make catalog and vectors agree after damage: drops rows without vectors and vectors without rows.
+
+    Run `crossmodal index` afterwards to re-embed the dropped images.
+
+    Example:
+
+      crossmodal repair
+    """
+    from retrieval.store import Store
+
+    with Store.open(_home(), writable=True, check=False) as store:
+        report = store.repair()
+    if json_out:
+        _print_json(report)
+    else:
+        typer.echo(f"dropped {report['rows_dropped']} rows without vectors and "
+                   f"{report['vectors_dropped']} vectors without rows")
+
+
+@app.command()
+@handle_errors
+def ui(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8501,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless you say so).")]
+    = "127.0.0.1",
+) -> None:
+    """Open the web page (Streamlit) over the index.
+
+    Example:
+
+      crossmodal ui --port 8501
+    """
+    import subprocess
+
+    import webui
+
+    app_path = Path(webui.__file__).parent / "app.py"
+    env = dict(os.environ, **{HOME_ENV: str(_home())})
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--global.developmentMode", "false"]
+    typer.echo(f"crossmodal page on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

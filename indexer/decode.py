@@ -1,0 +1,124 @@
+"""Decoding in worker processes: bounded look-ahead, one failure per file, never a crashed run.
+
+Workers import only Pillow and numpy (through retrieval.imageio), so they start fast and stay small.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.errors import DecodeError
+from retrieval.imageio import Preprocess, decode_for_model, sha256_hex
+
+from .scan import FileEntry
+
+
+@dataclass(frozen=True)
+class Decoded:
+    entry: FileEntry
+    pixels: np.ndarray
+    width: int
+    height: int
+    taken_at: str | None
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    entry: FileEntry
+    reason: str
+
+
+def decode_entry(entry: FileEntry, pre: Preprocess) -> Decoded | Failed:
+    """Read, hash and decode one file; every problem becomes a Failed with a one-line reason."""
+    try:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        return Failed(entry, "permission denied")
+    except OSError as e:
+        return Failed(entry, f"cannot read: {e.strerror or e}")
+    if not data:
+        return Failed(entry, "empty file (0 bytes)")
+    try:
+        d = decode_for_model(data, pre)
+    except DecodeError as e:
+        return Failed(entry, str(e))
+    except MemoryError:
+        return Failed(entry, "out of memory while decoding")
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
+        return Failed(entry, f"cannot decode: {type(e).__name__}: {e}")
+    return Decoded(entry, d.pixels, d.width, d.height, d.taken_at, sha256_hex(data))
+
+
+def _decode_chunk(entries: Sequence[FileEntry], pre: Preprocess) -> list[Decoded | Failed]:
+    return [decode_entry(e, pre) for e in entries]
+
+
+def _chunks(items: Sequence[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, chunk: int = 4,
+                  lookahead: int = 4) -> Iterator[Decoded | Failed]:
+    """Yield decode results in input order; `workers=0` decodes in this process.
+
+    At most workers*lookahead chunks are in flight, so memory stays bounded however fast decoding is.
+    A worker that dies (a decoder crash on a hostile file) costs only the files of its chunk, which are
+    retried one by one; a file that kills a worker again is reported as failed.
+    """
+    if workers <= 0:
+        for e in entries:
+            yield decode_entry(e, pre)
+        return
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    todo = _chunks(entries, chunk)
+    pending: deque[tuple[list[FileEntry], Future]] = deque()
+
+    def submit_next() -> None:
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(_decode_chunk, nxt, pre)))
+
+    try:
+        for _ in range(workers * lookahead):
+            submit_next()
+        while pending:
+            group, fut = pending.popleft()
+            try:
+                results = fut.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+                results = list(_retry_alone(group, pre, ctx))
+                pool, pending = _resubmit(pool, pending, pre, ctx, workers)
+            yield from results
+            submit_next()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _retry_alone(group: Iterable[FileEntry], pre: Preprocess, ctx) -> Iterator[Decoded | Failed]:
+    for e in group:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as solo:
+            try:
+                yield solo.submit(decode_entry, e, pre).result()
+            except BrokenProcessPool:
+                yield Failed(e, "the image decoder crashed on this file")
+
+
+def _resubmit(pool: ProcessPoolExecutor, pending: deque, pre: Preprocess, ctx, workers: int
+              ) -> tuple[ProcessPoolExecutor, deque]:
+    fresh: deque = deque()
+    for group, _ in pending:
+        fresh.append((group, pool.submit(_decode_chunk, group, pre)))
+    return pool, fresh

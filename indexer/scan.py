@@ -1,0 +1,118 @@
+"""Walk photo folders and diff them against the catalog: what is new, changed, or already indexed."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.config import IMAGE_EXTENSIONS
+from retrieval.errors import InputNotFound
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A candidate image file as the file system describes it."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass
+class ScanResult:
+    files: list[FileEntry] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What an indexing run must do."""
+
+    new: list[FileEntry]
+    changed: list[tuple[FileEntry, int]]  # entry and the id it replaces
+    unchanged: int
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _valid_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _entry(path: str, result: ScanResult) -> None:
+    if not _valid_utf8(path):
+        result.skipped.append((os.fsencode(path).decode("utf-8", "replace"),
+                               "file name is not valid UTF-8"))
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        reason = "broken symlink" if os.path.islink(path) else "file vanished during the scan"
+        result.skipped.append((path, reason))
+        return
+    except OSError as e:
+        result.skipped.append((path, f"cannot stat: {e.strerror or e}"))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISDIR(st.st_mode):
+            result.skipped.append((path, "not a regular file"))
+        return
+    result.files.append(FileEntry(path=path, size=st.st_size, mtime=st.st_mtime))
+
+
+def scan(roots: Iterable[str | os.PathLike[str]]) -> ScanResult:
+    """Recursively list image files under each root (a file root is taken as is); sorted, deduplicated."""
+    result = ScanResult()
+    for root in roots:
+        root_path = Path(root).expanduser()
+        if not root_path.exists():
+            raise InputNotFound(f"no such file or folder: {root_path}")
+        base = os.path.abspath(root_path)
+        if root_path.is_file():
+            if _is_image_name(base):
+                _entry(base, result)
+            else:
+                result.skipped.append((base, "not an image file extension"))
+            continue
+
+        def onerror(err: OSError) -> None:
+            result.skipped.append((str(err.filename), f"cannot list folder: {err.strerror or err}"))
+
+        for dirpath, dirnames, filenames in os.walk(base, onerror=onerror):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if _is_image_name(name):
+                    _entry(os.path.join(dirpath, name), result)
+    seen: set[str] = set()
+    unique = []
+    for f in result.files:
+        if f.path not in seen:
+            seen.add(f.path)
+            unique.append(f)
+    result.files = unique
+    return result
+
+
+def plan(files: Iterable[FileEntry], known: Mapping[str, tuple[int, int | None, float | None]]) -> Plan:
+    """Split scanned files into new, changed (same path, other size or mtime) and unchanged."""
+    new: list[FileEntry] = []
+    changed: list[tuple[FileEntry, int]] = []
+    unchanged = 0
+    for f in files:
+        hit = known.get(f.path)
+        if hit is None:
+            new.append(f)
+        elif hit[1] == f.size and hit[2] is not None and abs(hit[2] - f.mtime) < 1e-6:
+            unchanged += 1
+        else:
+            changed.append((f, hit[0]))
+    return Plan(new=new, changed=changed, unchanged=unchanged)

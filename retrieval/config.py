@@ -1,0 +1,44 @@
+"""Frozen settings with every default in one place, so the CLI, the page and the tests agree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_K = 10
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_WEIGHT = 0.5
+COMMIT_EVERY = 512
+# Decompression-bomb guard: images above this many pixels are refused before a full decode.
+MAX_IMAGE_PIXELS = 200_000_000
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
+)
+HOME_ENV = "CROSSMODAL_HOME"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which open_clip model to run and how; `pretrained` is a published tag or a local checkpoint path."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    device: str = "auto"
+    precision: str = "auto"
+
+    def pretrained_is_file(self) -> bool:
+        """A value naming an existing file (or containing a path separator) is a local checkpoint."""
+        return os.sep in self.pretrained or Path(self.pretrained).expanduser().is_file()
+
+
+def default_home() -> Path:
+    """The index home: $CROSSMODAL_HOME, else the platform's user data dir for `crossmodal`."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("crossmodal", appauthor=False))

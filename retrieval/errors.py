@@ -1,0 +1,51 @@
+"""Typed exceptions: library code raises these, only the CLI and the page turn them into messages."""
+
+from __future__ import annotations
+
+
+class CrossmodalError(Exception):
+    """Base of every error crossmodal raises on purpose."""
+
+
+class UserError(CrossmodalError):
+    """Something the user can fix (bad input, missing weights, wrong index); CLI exit code 2."""
+
+
+class InputNotFound(UserError):
+    """A path given on the command line does not exist or cannot be read."""
+
+
+class DecodeError(UserError):
+    """Bytes that are not a decodable image (corrupt, truncated, unsupported, too large)."""
+
+
+class ModelUnavailable(UserError):
+    """Model weights cannot be loaded: not cached and the hub unreachable, or a bad checkpoint file."""
+
+
+class ModelMismatch(UserError):
+    """The index was built with another model than the one requested."""
+
+
+class IndexMissing(UserError):
+    """No index exists in the chosen home yet."""
+
+
+class EmptyIndex(UserError):
+    """The index holds nothing of the modality a query needs."""
+
+
+class IndexMismatch(UserError):
+    """Catalog and vector files disagree; the message says how to repair."""
+
+
+class IndexLocked(UserError):
+    """Another process is writing to the same index."""
+
+
+class CorpusError(UserError):
+    """A caption corpus file cannot be parsed as asked (missing column, bad JSON line, ...)."""
+
+
+class SchemaTooNew(UserError):
+    """The catalog was written by a newer crossmodal than this one."""

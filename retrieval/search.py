@@ -1,0 +1,109 @@
+"""Queries: text->image, image->image, fused text+image, negative text, and image->text (captions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .encoder import Encoder
+from .errors import EmptyIndex, UserError
+from .store import ItemView, Store
+from .vocab import BUILTIN_CORPUS, builtin_vocabulary
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked result; `item` carries the catalog facts (path and size, or text and corpus)."""
+
+    rank: int
+    id: int
+    score: float
+    item: ItemView
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    """L2-normalise a vector (a zero vector is a user error: the query cancelled itself out)."""
+    n = float(np.linalg.norm(v))
+    if n < 1e-6:
+        raise UserError("the query is empty after combining its parts (e.g. --not cancels the text)")
+    return (v / n).astype(np.float32)
+
+
+def combine(text: np.ndarray | None, image: np.ndarray | None, weight: float,
+            negatives: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Late fusion: unit(weight*text + (1-weight)*image), then each negative subtracted and renormalised."""
+    if not 0.0 <= weight <= 1.0:
+        raise UserError(f"--weight must be between 0 and 1, got {weight}")
+    if text is None and image is None:
+        raise UserError("give a text query, an --image, or both")
+    if text is not None and image is not None:
+        q = unit(weight * text + (1.0 - weight) * image)
+    else:
+        q = unit(text if text is not None else image)  # type: ignore[arg-type]
+    for n in negatives:
+        q = unit(q - n)
+    return q
+
+
+class Searcher:
+    """Answers queries against one opened Store with the Encoder its model fingerprint names."""
+
+    def __init__(self, store: Store, encoder: Encoder) -> None:
+        self.store = store
+        self.encoder = encoder
+
+    def query_vector(self, text: str | None = None, image: bytes | None = None,
+                     weight: float = 0.5, negatives: Sequence[str] = ()) -> np.ndarray:
+        """Embed and fuse the parts of a query into one unit vector."""
+        if text is not None and not text.strip():
+            text = None
+        negatives = [n for n in negatives if n.strip()]
+        texts = ([text] if text is not None else []) + list(negatives)
+        emb = self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32)
+        t = emb[0] if text is not None else None
+        i = self.encoder.encode_image_bytes(image) if image is not None else None
+        return combine(t, i, weight, list(emb[1:] if text is not None else emb))
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        keep = [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0]
+        items = self.store.items(i for _, i in keep)
+        return [Hit(rank=r, id=i, score=s, item=items[i]) for r, (s, i) in enumerate(keep, 1) if i in items]
+
+    def search_images(self, q: np.ndarray, k: int) -> list[Hit]:
+        """Top-k images for a query vector."""
+        if self.store.count("image") == 0:
+            raise EmptyIndex(f"no images indexed in {self.store.home}; run `crossmodal index FOLDER`")
+        scores, ids = self.store.search("image", q[None], k)
+        return self._hits(scores[0], ids[0])
+
+    def search_texts(self, q: np.ndarray, k: int, corpus: str | None = None) -> list[Hit]:
+        """Top-k captions for a query vector; the built-in vocabulary answers when no corpus exists."""
+        if self.store.count("text") == 0 or corpus == BUILTIN_CORPUS:
+            return self._builtin(q, k)
+        if corpus is None:
+            scores, ids = self.store.search("text", q[None], k)
+            return self._hits(scores[0], ids[0])
+        corpora = self.store.corpora()
+        if corpus not in corpora:
+            raise UserError(f"no corpus named '{corpus}' (have: {', '.join(corpora) or 'none'})")
+        scores, ids = self.store.search("text", q[None], k, restrict=self.store.text_ids(corpus))
+        return self._hits(scores[0], ids[0])
+
+    def _builtin(self, q: np.ndarray, k: int) -> list[Hit]:
+        texts, vectors = builtin_vocabulary(self.encoder, self.store.home)
+        scores = vectors @ q
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [Hit(rank=r, id=int(i), score=float(scores[i]),
+                    item=ItemView(int(i), "text", None, BUILTIN_CORPUS, int(i), texts[i], None, None, None,
+                                  None))
+                for r, i in enumerate(top, 1)]
+
+    def caption(self, image: bytes, k: int, corpus: str | None = None) -> list[Hit]:
+        """Image -> best captions."""
+        return self.search_texts(self.query_vector(image=image), k, corpus)
+
+    def similar(self, image: bytes, k: int) -> list[Hit]:
+        """Image -> most similar images."""
+        return self.search_images(self.query_vector(image=image), k)

@@ -1,0 +1,38 @@
+"""One writer per index home: an OS file lock that dies with its process, so stale locks clear themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import IndexLocked
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+class WriterLock:
+    """Held for the life of a writing Store; `release` is idempotent."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "index.lock"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise IndexLocked(f"another crossmodal process (pid {holder}) is writing to {home}; "
+                              f"wait for it to finish, then run this again") from e
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

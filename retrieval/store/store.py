@@ -1,0 +1,421 @@
+"""The Store facade: catalog rows and vectors change together at one commit point.
+
+Commit protocol: new vectors go to a new generation file (`vectors/<modality>-<gen>.faiss`, written
+atomically) and only then does one SQLite transaction insert the rows and record the new generation.
+A crash before the SQLite commit leaves an orphan file that is ignored; after it, both agree. The
+previous generation is kept one commit longer so readers that opened it keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from ..encoder import Fingerprint
+from ..errors import IndexMismatch, IndexMissing, ModelMismatch, SchemaTooNew, UserError
+from . import vectors as vec
+from .catalog import SCHEMA_VERSION, Base, Item, Meta, Skipped, make_engine, utcnow
+from .lock import WriterLock
+
+MODALITIES = ("image", "text")
+CATALOG = "catalog.sqlite"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the indexer learned about one image file."""
+
+    path: str
+    sha256: str
+    bytes: int
+    mtime: float
+    width: int
+    height: int
+    taken_at: str | None = None
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One caption of a named corpus; `sha256` is of the text and dedupes within the corpus."""
+
+    corpus: str
+    row: int
+    text: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """A catalog row as plain values, safe to hand to the CLI and the page."""
+
+    id: int
+    modality: str
+    path: str | None
+    corpus: str | None
+    row: int | None
+    text: str | None
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    bytes: int | None
+
+    @classmethod
+    def of(cls, it: Item) -> ItemView:
+        return cls(it.id, it.modality, it.path, it.corpus, it.row, it.text, it.width, it.height,
+                   it.taken_at, it.bytes)
+
+
+def _migrate(session: Session, found: int) -> None:
+    """The migration ladder: step found -> found+1 until current. Version 1 is the first schema."""
+    ladder: dict[int, object] = {}
+    while found < SCHEMA_VERSION:
+        step = ladder.get(found)
+        if step is None:
+            raise SchemaTooNew(f"catalog schema {found} cannot be upgraded by this crossmodal")
+        step(session)  # type: ignore[operator]
+        found += 1
+
+
+class Store:
+    """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`."""
+
+    def __init__(self, home: Path, writable: bool, lock: WriterLock | None) -> None:
+        self.home = home
+        self.writable = writable
+        self._lock = lock
+        self.engine = make_engine(f"sqlite:///{home / CATALOG}")
+        self.fingerprint: Fingerprint | None = None
+        self.indexes: dict[str, object] = {}
+        self.generations: dict[str, int] = {}
+        self.meta: dict[str, str] = {}
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, home: str | Path, *, create: bool = False, writable: bool = False,
+             check: bool = True) -> Store:
+        """Open (or with `create`, make) an index; writers take the home's lock; `check` verifies agreement."""
+        home = Path(home).expanduser().absolute()
+        if not (home / CATALOG).is_file():
+            if not create:
+                raise IndexMissing(f"no index in {home} yet; build one with `crossmodal index FOLDER`")
+            if home.exists() and not home.is_dir():
+                raise UserError(f"index home {home} exists and is not a folder")
+            (home / "vectors").mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(home) if writable else None
+        try:
+            store = cls(home, writable, lock)
+            store._prepare_schema()
+            store._load(check=check)
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+        return store
+
+    def _prepare_schema(self) -> None:
+        if self.writable:
+            Base.metadata.create_all(self.engine)
+        with Session(self.engine) as s, s.begin():
+            row = s.get(Meta, "schema_version")
+            if row is None:
+                if not self.writable:
+                    raise IndexMissing(f"{self.home} holds no crossmodal catalog")
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                return
+            found = int(row.value)
+            if found > SCHEMA_VERSION:
+                raise SchemaTooNew(f"index in {self.home} was written by a newer crossmodal "
+                                   f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
+            if found < SCHEMA_VERSION:
+                if not self.writable:
+                    raise SchemaTooNew(f"index in {self.home} needs an upgrade; run `crossmodal index` once")
+                _migrate(s, found)
+                row.value = str(SCHEMA_VERSION)
+
+    def _vector_path(self, modality: str, gen: int) -> Path:
+        return self.home / "vectors" / f"{modality}-{gen}.faiss"
+
+    def _load(self, check: bool, attempts: int = 3) -> None:
+        """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile."""
+        for attempt in range(attempts):
+            try:
+                with Session(self.engine) as s, s.begin():
+                    self.meta = {m.key: m.value for m in s.scalars(select(Meta))}
+                    fp = self.meta.get("model")
+                    self.fingerprint = Fingerprint.from_json(fp) if fp else None
+                    for m in MODALITIES:
+                        gen = int(self.meta.get(f"gen.{m}", "0"))
+                        self.generations[m] = gen
+                        if gen == 0:
+                            self.indexes[m] = vec.new_index(self.fingerprint.dim) if self.fingerprint else None
+                        else:
+                            path = self._vector_path(m, gen)
+                            if path.is_file():
+                                try:
+                                    self.indexes[m] = vec.read_index(path)
+                                except IndexMismatch:
+                                    if check:
+                                        raise
+                                    self.indexes[m] = vec.new_index(self.fingerprint.dim)
+                            elif check:
+                                raise FileNotFoundError(path)
+                            else:  # repair mode: a lost file counts as no vectors
+                                self.indexes[m] = vec.new_index(self.fingerprint.dim)
+                    if check:
+                        self._check_agreement(s)
+                return
+            except FileNotFoundError as e:
+                if attempt == attempts - 1:
+                    raise IndexMismatch(f"vector file {e} named by the catalog is missing; run "
+                                        f"`crossmodal repair`, then `crossmodal index` to re-embed") from e
+
+    def _catalog_ids(self, s: Session, modality: str) -> np.ndarray:
+        ids = s.scalars(select(Item.id).where(Item.modality == modality)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def _check_agreement(self, s: Session) -> None:
+        for m in MODALITIES:
+            rows = self._catalog_ids(s, m)
+            index = self.indexes.get(m)
+            held = vec.ids_of(index) if index is not None else np.zeros(0, dtype=np.int64)
+            if len(rows) == len(held) and np.array_equal(np.sort(rows), np.sort(held)):
+                continue
+            no_vec = len(np.setdiff1d(rows, held))
+            no_row = len(np.setdiff1d(held, rows))
+            raise IndexMismatch(
+                f"catalog and {m} vectors disagree in {self.home} ({no_vec} rows without a vector, "
+                f"{no_row} vectors without a row); run `crossmodal repair`, then `crossmodal index` "
+                f"to re-embed what it dropped")
+
+    def close(self) -> None:
+        """Release the writer lock and database handles."""
+        self.engine.dispose()
+        if self._lock:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- model ---------------------------------------------------------------------------------
+    def bind_model(self, fp: Fingerprint, checkpoint_stat: dict[str, int] | None = None) -> None:
+        """Record the model of a new index, or refuse one that differs from the recorded model."""
+        if self.fingerprint is not None:
+            if not self.fingerprint.same_model(fp):
+                raise ModelMismatch(
+                    f"this index was built with {self.fingerprint.describe()} and cannot be mixed with "
+                    f"{fp.describe()}; use another --home for the new model")
+            return
+        self._require_writable()
+        with Session(self.engine) as s, s.begin():
+            s.merge(Meta(key="model", value=fp.to_json()))
+            if checkpoint_stat:
+                s.merge(Meta(key="checkpoint_stat", value=json.dumps(checkpoint_stat)))
+        self.fingerprint = fp
+        self.meta["model"] = fp.to_json()
+        for m in MODALITIES:
+            if self.indexes.get(m) is None:
+                self.indexes[m] = vec.new_index(fp.dim)
+
+    def checkpoint_stat(self) -> dict[str, int] | None:
+        raw = self.meta.get("checkpoint_stat")
+        return json.loads(raw) if raw else None
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise RuntimeError("store opened read-only")
+
+    def _require_model(self) -> Fingerprint:
+        if self.fingerprint is None:
+            raise IndexMissing(f"the index in {self.home} is empty; run `crossmodal index FOLDER` first")
+        return self.fingerprint
+
+    # ---- the commit point ----------------------------------------------------------------------
+    def commit(self, modality: str, items: Sequence[Item], vectors: np.ndarray,
+               remove: Iterable[int] = ()) -> list[int]:
+        """Insert `items` with their `vectors` and drop ids in `remove`, atomically. Returns new ids."""
+        self._require_writable()
+        fp = self._require_model()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, fp.dim)
+        if len(items) != len(vectors):
+            raise ValueError("one vector per item is required")
+        remove = np.asarray(sorted(set(remove)), dtype=np.int64)
+        index = self.indexes[modality]
+        old_gen = self.generations[modality]
+        new_gen = max(old_gen, int(self.meta.get(f"maxgen.{modality}", "0"))) + 1
+        try:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                if len(remove):
+                    s.execute(delete(Item).where(Item.id.in_(remove.tolist())))
+                s.add_all(items)
+                s.flush()
+                ids = np.asarray([it.id for it in items], dtype=np.int64)
+                vec.remove_ids(index, remove)
+                if len(ids):
+                    index.add_with_ids(vectors, ids)
+                vec.write_atomic(index, self._vector_path(modality, new_gen))
+                s.merge(Meta(key=f"gen.{modality}", value=str(new_gen)))
+                s.merge(Meta(key=f"maxgen.{modality}", value=str(new_gen)))
+                paths = [it.path for it in items if it.path]
+                if paths:
+                    s.execute(delete(Skipped).where(Skipped.path.in_(paths)))
+        except BaseException:
+            # Memory may hold uncommitted vectors; reload the committed state before anything else.
+            self._load(check=False)
+            raise
+        self.generations[modality] = new_gen
+        self.meta[f"gen.{modality}"] = self.meta[f"maxgen.{modality}"] = str(new_gen)
+        self._cleanup(modality, keep={new_gen, old_gen})
+        return ids.tolist()
+
+    def _cleanup(self, modality: str, keep: set[int]) -> None:
+        pattern = re.compile(rf"^{modality}-(\d+)\.faiss(\.tmp)?$")
+        for p in (self.home / "vectors").glob(f"{modality}-*.faiss*"):
+            m = pattern.match(p.name)
+            if m and (m.group(2) or int(m.group(1)) not in keep):
+                p.unlink(missing_ok=True)
+
+    # ---- images --------------------------------------------------------------------------------
+    def add_images(self, records: Sequence[ImageRecord], vectors: np.ndarray,
+                   replace: Iterable[int] = ()) -> list[int]:
+        """Commit new image rows and vectors (and drop the rows they replace)."""
+        now = utcnow()
+        items = [Item(modality="image", path=r.path, sha256=r.sha256, bytes=r.bytes, mtime=r.mtime,
+                      width=r.width, height=r.height, taken_at=r.taken_at, added_at=now) for r in records]
+        return self.commit("image", items, vectors, remove=replace)
+
+    def image_files(self) -> dict[str, tuple[int, int | None, float | None]]:
+        """path -> (id, bytes, mtime) for every indexed image, for the rescan diff."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(Item.path, Item.id, Item.bytes, Item.mtime)
+                             .where(Item.modality == "image"))
+            return {p: (i, b, m) for p, i, b, m in rows}
+
+    def record_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Remember files that could not be indexed and why (latest reason wins)."""
+        if not skipped:
+            return
+        self._require_writable()
+        with Session(self.engine) as s, s.begin():
+            for path, reason in skipped:
+                s.merge(Skipped(path=path, reason=reason, at=utcnow()))
+
+    def skipped(self) -> list[tuple[str, str]]:
+        with Session(self.engine) as s:
+            return [(p, r) for p, r in s.execute(select(Skipped.path, Skipped.reason).order_by(Skipped.path))]
+
+    # ---- texts ---------------------------------------------------------------------------------
+    def add_texts(self, records: Sequence[TextRecord], vectors: np.ndarray) -> list[int]:
+        """Commit caption rows and vectors."""
+        now = utcnow()
+        items = [Item(modality="text", corpus=r.corpus, row=r.row, text=r.text, sha256=r.sha256,
+                      added_at=now) for r in records]
+        return self.commit("text", items, vectors)
+
+    def text_hashes(self, corpus: str) -> set[str]:
+        """Hashes of the captions a corpus already holds, so re-adding a file adds only what is new."""
+        with Session(self.engine) as s:
+            return set(s.scalars(select(Item.sha256).where(Item.modality == "text", Item.corpus == corpus)))
+
+    # ---- reading -------------------------------------------------------------------------------
+    def count(self, modality: str) -> int:
+        index = self.indexes.get(modality)
+        return int(index.ntotal) if index is not None else 0
+
+    def corpora(self) -> dict[str, int]:
+        with Session(self.engine) as s:
+            rows = s.execute(select(Item.corpus, func.count()).where(Item.modality == "text")
+                             .group_by(Item.corpus).order_by(Item.corpus))
+            return {c: n for c, n in rows}
+
+    def search(self, modality: str, queries: np.ndarray, k: int,
+               restrict: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner-product top-k: (scores, ids), each (n_queries, <=k); ids of -1 are dropped later.
+
+        `restrict` limits the search to those ids (a FAISS id selector, so the top-k stays exact).
+        """
+        index = self.indexes.get(modality)
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self._require_model().dim)
+        pool = int(index.ntotal) if index is not None else 0
+        if restrict is not None:
+            pool = min(pool, len(restrict))
+        if pool == 0 or k <= 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        if restrict is None:
+            return index.search(q, min(k, pool))
+        import faiss
+
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(restrict, dtype=np.int64))
+        return index.search(q, min(k, pool), params=faiss.SearchParameters(sel=sel))
+
+    def text_ids(self, corpus: str) -> np.ndarray:
+        """Ids of one corpus's captions (to restrict a caption search)."""
+        with Session(self.engine) as s:
+            ids = s.scalars(select(Item.id).where(Item.modality == "text", Item.corpus == corpus)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of a modality: for oracles, exports and rebuilds."""
+        index = self.indexes.get(modality)
+        if index is None:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return vec.vectors_of(index)
+
+    def items(self, ids: Iterable[int]) -> dict[int, ItemView]:
+        """Catalog rows for ids, as plain values."""
+        ids = [int(i) for i in ids if int(i) >= 0]
+        out: dict[int, ItemView] = {}
+        with Session(self.engine) as s:
+            for start in range(0, len(ids), 900):
+                for it in s.scalars(select(Item).where(Item.id.in_(ids[start:start + 900]))):
+                    out[it.id] = ItemView.of(it)
+        return out
+
+    def size_on_disk(self) -> int:
+        """Bytes used by the catalog and the current vector files."""
+        total = 0
+        for p in [self.home / CATALOG, self.home / (CATALOG + "-wal")] + [
+                self._vector_path(m, g) for m, g in self.generations.items() if g]:
+            if p.is_file():
+                total += p.stat().st_size
+        return total
+
+    # ---- repair --------------------------------------------------------------------------------
+    def repair(self) -> dict[str, int]:
+        """Make catalog and vectors agree: drop rows without vectors and vectors without rows."""
+        self._require_writable()
+        report = {"rows_dropped": 0, "vectors_dropped": 0}
+        with Session(self.engine) as s, s.begin():
+            for m in MODALITIES:
+                rows = self._catalog_ids(s, m)
+                index = self.indexes.get(m)
+                if index is None:
+                    if len(rows):
+                        s.execute(delete(Item).where(Item.modality == m))
+                        report["rows_dropped"] += len(rows)
+                    continue
+                held = vec.ids_of(index)
+                no_vec = np.setdiff1d(rows, held)
+                no_row = np.setdiff1d(held, rows)
+                if len(no_vec):
+                    for start in range(0, len(no_vec), 900):
+                        s.execute(delete(Item).where(Item.id.in_(no_vec[start:start + 900].tolist())))
+                report["rows_dropped"] += len(no_vec)
+                report["vectors_dropped"] += vec.remove_ids(index, no_row)
+                gen = max(self.generations.get(m, 0), int(self.meta.get(f"maxgen.{m}", "0"))) + 1
+                vec.write_atomic(index, self._vector_path(m, gen))
+                s.merge(Meta(key=f"gen.{m}", value=str(gen)))
+                s.merge(Meta(key=f"maxgen.{m}", value=str(gen)))
+                self.generations[m] = gen
+        self._load(check=True)
+        return report

@@ -1,0 +1,82 @@
+"""FAISS vector files: one inner-product index per modality, ids equal to catalog primary keys.
+
+Files are never written in place: write `name.tmp`, fsync, rename, fsync the folder, so a crash leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IndexMismatch
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def new_index(dim: int):
+    """An exact inner-product index whose ids are ours (IndexIDMap2 keeps a reverse map for reconstruct)."""
+    faiss = _faiss()
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(index, path: Path) -> None:
+    """Write `index` to `path` through a temp file, fsync and rename."""
+    faiss = _faiss()
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_index(path: Path):
+    """Load a vector file; a damaged file is an IndexMismatch the user can repair."""
+    faiss = _faiss()
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise IndexMismatch(f"vector file {path} is unreadable ({str(e).splitlines()[0][:120]}); "
+                            f"run `crossmodal repair` to rebuild the index state") from e
+
+
+def ids_of(index) -> np.ndarray:
+    """The ids held by an IndexIDMap2, as int64."""
+    return _faiss().vector_to_array(index.id_map).astype(np.int64)
+
+
+def vectors_of(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of every stored entry, in storage order."""
+    ids = ids_of(index)
+    if len(ids) == 0:
+        return ids, np.zeros((0, index.d), dtype=np.float32)
+    return ids, index.index.reconstruct_n(0, index.ntotal)
+
+
+def remove_ids(index, ids: np.ndarray) -> int:
+    """Drop entries by id; returns how many were removed."""
+    faiss = _faiss()
+    if len(ids) == 0:
+        return 0
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))

@@ -1,0 +1,1 @@
+"""The Streamlit page (imports retrieval only)."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from .encoder import Encoder
 from .errors import EmptyIndex, UserError
-from .store import ItemView, Store
+from .store import ImageFilter, ItemView, Store
 from .vocab import BUILTIN_CORPUS, builtin_vocabulary
 
 
@@ -71,12 +71,15 @@ class Searcher:
         items = self.store.items(i for _, i in keep)
         return [Hit(rank=r, id=i, score=s, item=items[i]) for r, (s, i) in enumerate(keep, 1) if i in items]
 
-    def search_images(self, q: np.ndarray, k: int) -> list[Hit]:
-        """Top-k images for a query vector."""
+    def search_images(self, q: np.ndarray, k: int, flt: ImageFilter | None = None,
+                      offset: int = 0) -> list[Hit]:
+        """Top-k images for a query vector (ranks offset+1 .. offset+k), optionally filtered exactly."""
         if self.store.count("image") == 0:
             raise EmptyIndex(f"no images indexed in {self.store.home}; run `crossmodal index FOLDER`")
-        scores, ids = self.store.search("image", q[None], k)
-        return self._hits(scores[0], ids[0])
+        restrict = self.store.image_ids(flt) if flt is not None and flt.active() else None
+        scores, ids = self.store.search("image", q[None], k + offset, restrict=restrict)
+        hits = self._hits(scores[0], ids[0])
+        return [Hit(rank=h.rank, id=h.id, score=h.score, item=h.item) for h in hits[offset:]]
 
     def search_texts(self, q: np.ndarray, k: int, corpus: str | None = None) -> list[Hit]:
         """Top-k captions for a query vector; the built-in vocabulary answers when no corpus exists."""
@@ -104,6 +107,13 @@ class Searcher:
         """Image -> best captions."""
         return self.search_texts(self.query_vector(image=image), k, corpus)
 
-    def similar(self, image: bytes, k: int) -> list[Hit]:
+    def similar(self, image: bytes, k: int, flt: ImageFilter | None = None) -> list[Hit]:
         """Image -> most similar images."""
-        return self.search_images(self.query_vector(image=image), k)
+        return self.search_images(self.query_vector(image=image), k, flt)
+
+    def more_like(self, item_id: int, k: int, flt: ImageFilter | None = None) -> list[Hit]:
+        """Indexed image -> similar images, from its stored vector (no file is read); itself excluded."""
+        q = self.store.vector("image", item_id)
+        hits = self.search_images(q, k + 1, flt)
+        return [Hit(rank=r, id=h.id, score=h.score, item=h.item)
+                for r, h in enumerate((h for h in hits if h.id != item_id), 1)][:k]

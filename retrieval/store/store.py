@@ -9,6 +9,7 @@ previous generation is kept one commit longer so readers that opened it keep wor
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,31 @@ class TextRecord:
     row: int
     text: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Restrict image results: a folder prefix and a capture-date range (EXIF date, else file time).
+
+    Dates are ISO strings ('2024-05-01' or '2024-05-01T12:00:00'); `after` is inclusive, `before` exclusive.
+    """
+
+    under: str | None = None
+    after: str | None = None
+    before: str | None = None
+
+    def active(self) -> bool:
+        return bool(self.under or self.after or self.before)
+
+
+def _iso_to_ts(text: str) -> float:
+    from datetime import datetime
+
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise UserError(f"'{text}' is not a date (use YYYY-MM-DD)") from e
+    return dt.timestamp()
 
 
 @dataclass(frozen=True)
@@ -358,6 +384,26 @@ class Store:
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(restrict, dtype=np.int64))
         return index.search(q, min(k, pool), params=faiss.SearchParameters(sel=sel))
 
+    def image_ids(self, flt: ImageFilter) -> np.ndarray:
+        """Ids of the images that pass a filter (for `search(..., restrict=...)`)."""
+        from sqlalchemy import and_, or_
+
+        cond = [Item.modality == "image"]
+        if flt.under:
+            folder = os.path.abspath(os.path.expanduser(flt.under)).rstrip(os.sep) + os.sep
+            cond.append(func.substr(Item.path, 1, len(folder)) == folder)
+        for bound, op in ((flt.after, "ge"), (flt.before, "lt")):
+            if not bound:
+                continue
+            ts = _iso_to_ts(bound)
+            iso = bound if "T" in bound else bound + "T00:00:00"
+            by_exif = Item.taken_at >= iso if op == "ge" else Item.taken_at < iso
+            by_mtime = Item.mtime >= ts if op == "ge" else Item.mtime < ts
+            cond.append(or_(by_exif, and_(Item.taken_at.is_(None), by_mtime)))
+        with Session(self.engine) as s:
+            ids = s.scalars(select(Item.id).where(and_(*cond))).all()
+        return np.asarray(ids, dtype=np.int64)
+
     def text_ids(self, corpus: str) -> np.ndarray:
         """Ids of one corpus's captions (to restrict a caption search)."""
         with Session(self.engine) as s:
@@ -370,6 +416,14 @@ class Store:
         if index is None:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         return vec.vectors_of(index)
+
+    def vector(self, modality: str, item_id: int) -> np.ndarray:
+        """The stored vector of one item."""
+        index = self.indexes.get(modality)
+        try:
+            return index.reconstruct(int(item_id))  # type: ignore[union-attr]
+        except (RuntimeError, AttributeError) as e:
+            raise UserError(f"no {modality} with id {item_id} in the index") from e
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemView]:
         """Catalog rows for ids, as plain values."""

@@ -130,7 +130,7 @@ def _progress_printer(label: str, quiet: bool) -> tuple[Callable[[int, int], Non
     state = {"last": 0.0, "started": time.perf_counter()}
 
     def plain(done: int, total: int) -> None:
-        if total == 0:
+        if total == 0 or done == 0:
             return
         now = time.perf_counter()
         if now - state["last"] < 5.0 and done < total:
@@ -450,12 +450,14 @@ def ui(
     import subprocess
 
     import webui
+    from webui.limits import MAX_UPLOAD_MB
 
     app_path = Path(webui.__file__).parent / "app.py"
     env = dict(os.environ, **{HOME_ENV: str(_home())})
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--global.developmentMode", "false"]
+           "--global.developmentMode", "false", "--server.maxUploadSize", str(MAX_UPLOAD_MB),
+           "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
     typer.echo(f"crossmodal page on http://{host}:{port} (Ctrl-C to stop)", err=True)
     try:
         raise typer.Exit(subprocess.call(cmd, env=env))

@@ -1,0 +1,113 @@
+"""The reranker from the command line, in subprocesses: default on, --no-rerank is the dense search, the set
+never changes, set-reranker records a trained file, eval and train-reranker run end to end. (Caption reranking
+is checked in-process in test_rerank_cache.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.store import Store
+from tests.conftest import GOOD, TEST_MODEL, run_cli
+
+TORCH = {"CROSSMODAL_BACKEND": "torch"}  # no ONNX export inside these tests: they check the reranker
+
+
+def ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout) if r.stdout.strip().startswith(("[", "{")) else r.stdout
+
+
+@pytest.fixture(scope="module")
+def home(built_index, tmp_path_factory):
+    """A private copy of the shared index (set-reranker writes to it)."""
+    dst = tmp_path_factory.mktemp("rerank-cli") / "home"
+    shutil.copytree(built_index, dst)
+    return dst
+
+
+def _oracle(home, modality: str, q: np.ndarray, k: int) -> list[int]:
+    with Store.open(home) as s:
+        ids, vecs = s.vectors(modality)
+    return ids[np.argsort(-(vecs @ q), kind="stable")[:k]].tolist()
+
+
+def test_search_reranks_by_default_and_no_rerank_is_dense(home, encoder):
+    text = "a dog running on a beach"
+    reranked = ok(run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=TORCH))
+    dense = ok(run_cli("search", text, "-k", str(GOOD), "--json", "--no-rerank", home=home, env=TORCH))
+    assert [h["id"] for h in dense] == _oracle(home, "image", encoder.encode_texts([text])[0], GOOD)
+    assert all(h["dense_rank"] == h["rank"] and h["dense_score"] == h["score"] for h in dense)
+    assert sorted(h["id"] for h in reranked) == sorted(h["id"] for h in dense)  # same set, new order
+    assert [h["rank"] for h in reranked] == list(range(1, GOOD + 1))
+    by_id = {h["id"]: h for h in dense}
+    for h in reranked:
+        assert h["dense_rank"] == by_id[h["id"]]["rank"]
+        assert h["dense_score"] == pytest.approx(by_id[h["id"]]["score"], abs=1e-5)
+    assert [h["score"] for h in reranked] == sorted((h["score"] for h in reranked), reverse=True)
+    assert [h["id"] for h in reranked] != [h["id"] for h in dense]  # (seeded: the order does change)
+
+
+def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_path):
+    from retrieval.rerank import CoAttentionScorer, recorded_reranker, save_params
+
+    torch.manual_seed(0)
+    scorer = CoAttentionScorer(encoder.dim)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    good = tmp_path / "r.safetensors"
+    save_params(scorer, good, model=TEST_MODEL, weights=encoder.fingerprint.weights)
+    r = ok(run_cli("set-reranker", str(good), "--json", home=home))
+    assert r["reranker"]["path"] == str(good.resolve()) and len(r["reranker"]["sha256"]) == 64
+    with Store.open(home) as s:
+        assert recorded_reranker(s)["path"] == str(good.resolve())
+    from retrieval.rerank import Reranker
+    from retrieval.search import Searcher
+
+    with Store.open(home) as store:  # queries now use the learned parameters
+        rr = Reranker.open(Searcher(store, encoder))
+        assert not rr.scorer.identity and torch.equal(rr.scorer.w_q_text, scorer.w_q_text.detach())
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_params(CoAttentionScorer(64, heads=4), wrong)
+    r = run_cli("set-reranker", str(wrong), home=home)
+    assert r.returncode == 2 and "64-d" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    good.write_bytes(good.read_bytes() + b" ")  # changed after it was recorded
+    from retrieval.errors import UserError
+
+    with Store.open(home) as store, pytest.raises(UserError, match="changed since it was recorded"):
+        Reranker.open(Searcher(store, encoder))
+    assert ok(run_cli("set-reranker", "--clear", "--json", home=home)) == {"reranker": None}
+    with Store.open(home) as store:
+        assert Reranker.open(Searcher(store, encoder)).scorer.identity
+
+
+def test_eval_and_train_reranker_commands(checkpoint, photos, tmp_path):
+    """A tiny Karpathy-layout set made of the test photos: the commands run and write what they say."""
+    names = [f"img{i:02d}" for i in range(8)]
+    entries = [{"filename": photos[n].name, "filepath": str(photos[n].parent), "split": s,
+                "sentences": [{"raw": f"photo {n} variant {j}"} for j in range(2)]}
+               for n, s in zip(names, ["train"] * 4 + ["val"] * 2 + ["test"] * 2, strict=True)]
+    (tmp_path / "dataset_tiny.json").write_text(json.dumps({"images": entries}))
+    model = ["--model", TEST_MODEL, "--pretrained", str(checkpoint)]
+    nohome = tmp_path / "no-index"
+    out = tmp_path / "eval.json"
+    doc = ok(run_cli("eval", str(tmp_path), "--split", "test", "--out", str(out), "--json", *model, home=nohome))
+    assert doc == json.loads(out.read_text())
+    assert doc["images"] == 2 and doc["captions"] == 4
+    assert set(doc["dense"]) == {"t2i", "i2t"} and set(doc["reranked"]["i2t"]) == {"R@1", "R@5", "R@10"}
+    assert doc["dense"]["t2i"]["R@10"] == 100.0  # two images: everything is in the top 10
+
+    dst = tmp_path / "r.safetensors"
+    doc = ok(run_cli("train-reranker", str(tmp_path), "--out", str(dst), "--epochs", "2", "--json", *model,
+                     home=nohome))
+    assert dst.is_file() and len(doc["history"]) == 2 and "t2i_R@1" in doc["baseline"]
+    from retrieval.rerank import load_params, read_params_meta
+
+    assert read_params_meta(dst)["model"] == TEST_MODEL
+    assert not load_params(dst, dim=384).identity

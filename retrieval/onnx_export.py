@@ -1,0 +1,395 @@
+"""Export an index's model to ONNX (text and image towers, fp32, CPU) so queries can skip torch.
+
+Needs torch and open_clip (index time, or the first query of an index that has no export yet). The export
+is written to a temporary folder, checked against torch, then renamed into place, so readers see either no
+export or a complete one. Layout and reader: `onnx_encoder`.
+
+The text graph takes token ids with a dynamic sequence axis and computes exactly `encode_text_trimmed`:
+a causal, argmax-pooled tower whose end-of-text output never sees the padding, so callers feed only up to
+the longest text. Models whose text tower is not of that kind (HF text towers, other pooling) or whose
+tokenizer is not CLIP's BPE are marked unsupported and stay on torch.
+
+Follow-up, not built here: a third graph with per-token outputs for the reranker (retrieval/rerank*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .onnx_encoder import (
+    EXPORT_META,
+    EXPORT_VERSION,
+    IMAGE_FILE,
+    TEXT_FILE,
+    ZERO_SHOT_FILE,
+    OnnxEncoder,
+    export_dir,
+    export_root,
+    onnxruntime_problem,
+    read_export_meta,
+    unsupported_marker,
+)
+from .tokenizer import BPE_FILE
+
+OPSET = 17
+MIN_COSINE = 0.9999
+CHECK_TEXTS = ("", "a dog running on a beach", "Café crème at night, 東京 🐶",
+               " ".join(f"word{i}" for i in range(120)))
+
+
+class ExportUnsupported(Exception):
+    """The model's towers or tokenizer are not of a kind this exporter handles."""
+
+
+def _clean_mode(tokenizer: Any) -> str:
+    from open_clip import tokenizer as tk
+
+    if type(tokenizer) is not tk.SimpleTokenizer:
+        raise ExportUnsupported(f"tokenizer {type(tokenizer).__name__} is not CLIP's BPE tokenizer")
+    if getattr(tokenizer, "reduction_fn", None) is not None:
+        raise ExportUnsupported("tokenizer uses a reduction mask")
+    modes = {tk._clean_lower: "lower", tk._clean_whitespace: "whitespace", tk._clean_canonicalize: "canonicalize"}
+    mode = modes.get(tokenizer.clean_fn)
+    if mode is None:
+        raise ExportUnsupported("tokenizer uses an unknown clean function")
+    return mode
+
+
+def _check_model(model: Any) -> None:
+    import torch
+
+    for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final", "visual"):
+        if not hasattr(model, attr):
+            raise ExportUnsupported(f"no exportable text tower ({type(model).__name__} has no {attr})")
+    if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
+        raise ExportUnsupported("the text tower is not causal with argmax pooling")
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention) and (
+                not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or m.in_proj_bias is None):
+            raise ExportUnsupported("an attention layer has a layout this exporter does not handle")
+
+
+def _extra_special_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens past CLIP's 49,408 (start and end of text are the last two of those)."""
+    return [t for t, i in sorted(tokenizer.encoder.items(), key=lambda kv: kv[1]) if i >= 49408]
+
+
+def _make_modules() -> tuple[type, type, type]:
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    class TraceableAttention(torch.nn.Module):
+        """nn.MultiheadAttention self-attention with shape-generic reshapes (its own bake the trace shapes)."""
+
+        def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+            super().__init__()
+            self.mha = mha
+            self.heads = mha.num_heads
+            self.head_dim = mha.embed_dim // mha.num_heads
+            self.batch_first = mha.batch_first
+
+        def forward(self, q: Any, k: Any = None, v: Any = None, key_padding_mask: Any = None,
+                    need_weights: bool = False, attn_mask: Any = None, **_: Any) -> tuple[Any, None]:
+            if key_padding_mask is not None or (k is not None and k is not q) or (v is not None and v is not q):
+                raise ExportUnsupported("attention with padding masks or cross-attention")
+            x = q if self.batch_first else q.transpose(0, 1)
+            n, width = x.shape[1], self.mha.embed_dim
+            qkv = F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
+            qkv = qkv.reshape(-1, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            scores = (qkv[0] * (1.0 / math.sqrt(self.head_dim))) @ qkv[1].transpose(-2, -1)
+            if attn_mask is not None:
+                if attn_mask.dtype == torch.bool:
+                    attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(attn_mask,
+                                                                                         float("-inf"))
+                scores = scores + attn_mask
+            out = (scores.softmax(dim=-1) @ qkv[2]).transpose(1, 2).reshape(-1, n, width)
+            out = self.mha.out_proj(out)
+            return (out if self.batch_first else out.transpose(0, 1)), None
+
+    class TextTower(torch.nn.Module):
+        """encode_text_trimmed over whatever length the caller feeds (the dynamic axis)."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: Any) -> Any:
+            m = self.model
+            n = tokens.shape[1]
+            cast = m.transformer.get_cast_dtype()
+            x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+            x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+            x = m.ln_final(x)
+            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+            proj = m.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
+            return x
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels: Any) -> Any:
+            return self.model.encode_image(pixels)
+
+    return TraceableAttention, TextTower, ImageTower
+
+
+@contextlib.contextmanager
+def _traceable_attention(model: Any, wrapper: type) -> Iterator[None]:
+    """Swap every nn.MultiheadAttention for the traceable twin (same weights), and back afterwards."""
+    import torch
+
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.MultiheadAttention)]
+    try:
+        for parent, name, child in swaps:
+            setattr(parent, name, wrapper(child))
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+def _cpu_fp32(model: Any) -> Any:
+    import copy
+
+    import torch
+
+    if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+
+
+def _zero_shot_json() -> dict[str, list[str]]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+
+    templates = [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    probe = IMAGENET_CLASSNAMES[0]
+    if [t.replace("{}", probe) for t in templates] != [t(probe) for t in SIMPLE_IMAGENET_TEMPLATES]:
+        raise ExportUnsupported("prompt templates are not plain format strings")
+    return {"classnames": list(IMAGENET_CLASSNAMES), "templates": templates}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _optimise(raw: Path, dst: Path) -> None:
+    """Apply ONNX Runtime's portable (extended) graph fusions once, now, instead of at every query's load,
+    and store the weights beside the graph (`dst`.data, page-aligned) so sessions memory-map them."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+    raw.unlink()
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def export_onnx(encoder: Any, home: str | Path) -> Path:
+    """Write and check the export of `encoder`'s model under `home`; returns its folder.
+
+    Raises ExportUnsupported for models this exporter does not handle, anything else on failure; in every
+    failure case nothing is left behind but the previous state.
+    """
+    import open_clip
+    import torch
+
+    fp = encoder.fingerprint
+    clean = _clean_mode(encoder.tokenizer)
+    model = encoder.model
+    _check_model(model)
+    zero_shot = _zero_shot_json()
+    final = export_dir(home, fp)
+    root = export_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    _sweep(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=root))
+    os.chmod(tmp, 0o755)
+    started = time.perf_counter()
+    try:
+        model = _cpu_fp32(model)
+        attention, text_tower, image_tower = _make_modules()
+        ctx = int(encoder.tokenizer.context_length)
+        size = encoder.preprocess.size
+        tokens = encoder.tokenizer(list(CHECK_TEXTS[:2]))
+        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+        with warnings.catch_warnings(), torch.no_grad(), _traceable_attention(model, attention):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(text_tower(model).eval(), (tokens,), str(tmp / "text.raw.onnx"), dynamo=False,
+                              input_names=["tokens"], output_names=["embedding"], opset_version=OPSET,
+                              dynamic_axes={"tokens": {0: "batch", 1: "length"}, "embedding": {0: "batch"}})
+            torch.onnx.export(image_tower(model).eval(), (torch.zeros(2, 3, size, size),),
+                              str(tmp / "image.raw.onnx"), dynamo=False, input_names=["pixels"],
+                              output_names=["embedding"], opset_version=OPSET,
+                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+        _optimise(tmp / "text.raw.onnx", tmp / TEXT_FILE)
+        _optimise(tmp / "image.raw.onnx", tmp / IMAGE_FILE)
+        shutil.copyfile(open_clip.tokenizer.default_bpe(), tmp / BPE_FILE)
+        (tmp / ZERO_SHOT_FILE).write_text(json.dumps(zero_shot, ensure_ascii=False), encoding="utf-8")
+        pre = encoder.preprocess
+        meta: dict[str, Any] = {
+            "version": EXPORT_VERSION,
+            "fingerprint": json.loads(fp.to_json()),
+            "preprocess": {"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
+                           "resize_mode": pre.resize_mode, "interpolation": pre.interpolation,
+                           "fill_color": pre.fill_color},
+            "tokenizer": {"bpe": BPE_FILE, "context_length": ctx, "clean": clean,
+                          "additional_special_tokens": _extra_special_tokens(encoder.tokenizer)},
+            "opset": OPSET,
+            "onnxruntime": _ort_version(),
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        }
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        meta["check"] = _verify(encoder, model, tmp, fp)
+        meta["bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        _fsync_tree(tmp)
+        _install(tmp, final, fp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _verify(encoder: Any, model: Any, folder: Path, fp: Any) -> dict[str, float]:
+    """Same token ids as open_clip, and embeddings within MIN_COSINE of torch fp32, or the export fails."""
+    import torch
+
+    from .encoder import encode_text_trimmed
+
+    onnx_enc = OnnxEncoder(folder, fp, json.loads((folder / EXPORT_META).read_text()))
+    texts = list(CHECK_TEXTS)
+    ref_tokens = encoder.tokenizer(texts)
+    if not np.array_equal(onnx_enc.tokenizer(texts), ref_tokens.numpy()):
+        raise RuntimeError("the light tokenizer disagrees with open_clip's on the check texts")
+    with torch.no_grad():
+        ref_text = np.concatenate([encode_text_trimmed(model, ref_tokens[i:i + 1]).float().numpy()
+                                   for i in range(len(texts))])
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (2, onnx_enc.preprocess.size, onnx_enc.preprocess.size, 3), np.uint8)
+        ref_image = model.encode_image(torch.from_numpy(onnx_enc.pixels_to_array(pixels))).float().numpy()
+    text_cos = float(_cosines(onnx_enc.encode_texts(texts), ref_text).min())
+    image_cos = float(_cosines(onnx_enc.encode_pixels(pixels), ref_image).min())
+    if text_cos < MIN_COSINE or image_cos < MIN_COSINE:
+        raise RuntimeError(f"ONNX and torch embeddings disagree (min cosine text {text_cos:.6f}, "
+                           f"image {image_cos:.6f})")
+    return {"min_cosine_text": text_cos, "min_cosine_image": image_cos}
+
+
+def _install(tmp: Path, final: Path, fp: Any) -> None:
+    """Rename the checked export into place. A complete export already there (a concurrent exporter won)
+    is kept; a stale or broken folder of the same name is moved aside and removed."""
+    if read_export_meta(final, fp) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        try:
+            os.replace(final, old)
+        except OSError:
+            old = None
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if read_export_meta(final, fp) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sweep(root: Path) -> None:
+    """Remove temporary folders left by exporters that died (killed mid-export): their pid is gone."""
+    for p in root.glob(".*.*.*"):
+        parts = p.name.split(".")
+        if len(parts) < 4 or parts[-1] not in ("tmp", "old") or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # still running (or not ours to signal): leave it
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] | None = None,
+                  on_start: Callable[[], None] | None = None) -> Path | None:
+    """The export for `encoder`'s model in `home`, made now if missing; None (and one line) if it cannot be.
+
+    Never raises (but for interrupts): a failed export costs fast queries, never an index run or a query.
+    `on_start` is called only when an export actually starts.
+    """
+    say = notify or (lambda _msg: None)
+    fp = encoder.fingerprint
+    folder = export_dir(home, fp)
+    if read_export_meta(folder, fp) is not None:
+        return folder
+    marker = unsupported_marker(home, fp)
+    if marker.is_file():
+        return None
+    problem = onnxruntime_problem()
+    if problem:
+        say(f"{problem}; queries will use torch (slower start)")
+        return None
+    try:
+        if on_start is not None:
+            on_start()
+        return export_onnx(encoder, home)
+    except ExportUnsupported as e:
+        say(f"{fp.model} cannot be exported to ONNX ({e}); queries will use torch")
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(e) + "\n")
+    except Exception as e:  # noqa: BLE001 - a failed export must never fail the command that asked for it
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        say(f"ONNX export failed ({type(e).__name__}: {first}); queries will use torch")
+    return None

@@ -19,6 +19,9 @@ import typer
 from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_WEIGHT, HOME_ENV, default_home
 from retrieval.errors import CrossmodalError, UserError
 
+from .cli_rerank import RERANK_K, RerankKOpt, RerankOpt, caption_hits, dense_fields, open_reranker, search_hits
+from .cli_rerank import register as register_rerank_commands
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
@@ -103,6 +106,9 @@ PrecisionOpt = Annotated[str, typer.Option(
     "--precision", help="auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA, bf16 on CPUs with fast bf16)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 KOpt = Annotated[int, typer.Option("-k", "--top-k", min=1, max=100_000, help="Number of results.")]
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", envvar="CROSSMODAL_BACKEND",
+    help="auto | onnx | torch (auto: ONNX Runtime when the index has an export, no torch import)")]
 
 
 def _progress_printer(label: str, quiet: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -173,10 +179,18 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = DEFAULT_BATCH_SIZE,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=0, max=64, help="Decode processes (0: decode in the main process)")] = None,
+    commit_every: Annotated[int, typer.Option(
+        "--commit-every", min=1, help="Commit at least every N images (chunks grow with the index).")] = 512,
+    reranker: Annotated[Path | None, typer.Option(
+        "--reranker", help="Record a trained reranker file (see train-reranker) in the index.")] = None,
     json_out: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Embed every image under the given folders. Re-runs skip files already indexed (same path, size, mtime).
+    """Embed every image under the given folders and keep the index in line with them.
+
+    Re-runs only stat unchanged files (same path, size, mtime), re-embed changed ones, keep the vectors of
+    moved or renamed files (same content), and drop files that were deleted. A folder that turns up empty
+    (an unmounted drive) keeps its images; use `crossmodal remove` to drop them.
 
     Examples:
 
@@ -199,27 +213,60 @@ def index(
         store.bind_model(encoder.fingerprint,
                          checkpoint_stat(encoder.fingerprint.pretrained)
                          if encoder.fingerprint.weights.startswith("sha256:") else None)
+        if reranker is not None:
+            from retrieval.rerank import record_reranker
+
+            record_reranker(store, reranker)
         if not quiet and not json_out:
             typer.echo(f"model {encoder.fingerprint.describe()} on {encoder.device} ({encoder.precision})",
                        err=True)
         update, stop = _progress_printer("images", quiet)
         try:
             report = index_paths(store, encoder, [str(p) for p in paths], batch_size=batch_size,
-                                 workers=workers, progress=update)
+                                 workers=workers, progress=update, commit_every=commit_every)
         finally:
             stop()
         total = store.count("image")
+    for root, n in report.kept:
+        _err(f"warning: {root} has no image files now; its {n} indexed images were kept "
+             f"(unmounted drive?). `crossmodal remove {root}` drops them.")
     if json_out:
         _print_json(report.to_json())
+        _export_for_queries(encoder, True)
         return
     for path, reason in report.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     _table("index", ["what", "count"], [
-        ["added", str(report.added)], ["updated", str(report.updated)],
+        ["added", str(report.added)], ["updated", str(report.updated)], ["moved", str(report.moved)],
+        ["removed", str(report.removed)],
         ["already indexed", str(report.unchanged)], ["skipped", str(len(report.skipped))],
         ["images in index", str(total)], ["seconds", f"{report.seconds:.1f}"],
         ["images/s", f"{report.images_per_second:.1f}"],
     ])
+    _export_for_queries(encoder, quiet)
+
+
+@app.command()
+@handle_errors
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="Folders or files to drop from the index.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Drop images at or under the given folders from the index (the files themselves are not touched).
+
+    Example:
+
+      crossmodal remove ~/Pictures/old-phone
+    """
+    from indexer.pipeline import remove_paths
+    from retrieval.store import Store
+
+    with Store.open(_home(), writable=True) as store:
+        n = remove_paths(store, [str(p) for p in paths])
+    if json_out:
+        _print_json({"removed": n})
+    else:
+        typer.echo(f"removed {n} images from the index")
 
 
 # ---- add-texts ------------------------------------------------------------------------------------
@@ -263,6 +310,7 @@ def add_texts(
             report = add_corpus(store, encoder, file, corpus, column, field, progress=update)
         finally:
             stop()
+    _export_for_queries(encoder, quiet or json_out)
     if json_out:
         _print_json(report.to_json())
     else:
@@ -271,10 +319,37 @@ def add_texts(
 
 
 # ---- queries --------------------------------------------------------------------------------------
-def _searcher(model: str | None, pretrained: str | None, device: str, precision: str):
+def _check_dates(flt) -> None:
+    from datetime import datetime
+
+    for value in (flt.after, flt.before):
+        if value:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise UserError(f"'{value}' is not a date (use YYYY-MM-DD)") from None
+
+
+def _export_for_queries(encoder, quiet: bool) -> None:
+    """Export the model to ONNX once per index so queries start without torch; never fails the command."""
+    from retrieval.backend import default_backend
+
+    if default_backend() == "torch":
+        return
+    from retrieval.onnx_export import ensure_export
+
+    def start() -> None:
+        if not quiet:
+            _err("exporting the model to ONNX for fast queries (once per index and model)")
+
+    ensure_export(encoder, _home(), lambda msg: _err(f"warning: {msg}"), on_start=start)
+
+
+def _searcher(model: str | None, pretrained: str | None, device: str, precision: str, backend: str = "auto"):
     from retrieval.session import open_searcher
 
-    return open_searcher(_home(), model, pretrained, device, precision)
+    _read_only["done"] = True
+    return open_searcher(_home(), model, pretrained, device, precision, backend=backend, notify=_err)
 
 
 def _image_bytes(path: Path) -> bytes:
@@ -293,13 +368,24 @@ def search(
     negative: Annotated[list[str] | None, typer.Option(
         "--not", help="Text to steer away from (repeatable).")] = None,
     k: KOpt = DEFAULT_K,
+    after: Annotated[str | None, typer.Option("--after", help="Taken on or after DATE (YYYY-MM-DD).")] = None,
+    before: Annotated[str | None, typer.Option("--before", help="Taken before DATE (YYYY-MM-DD).")] = None,
+    under: Annotated[Path | None, typer.Option("--under", help="Only images under FOLDER.")] = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Camera make/model contains TEXT.")] = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = RERANK_K,
     json_out: JsonOpt = False,
 ) -> None:
-    """Find images by text, by example image, or both fused.
+    """Find images by text, by example image, or both fused; optionally filtered.
+
+    Text queries rerank the dense top --rerank-k by co-attention over token features (--no-rerank: off).
+
+    Dates are the EXIF capture time, or the file time for images without one.
 
     Examples:
 
@@ -310,15 +396,25 @@ def search(
       crossmodal search "at night" --image query.jpg --weight 0.5
 
       crossmodal search "a red car" --not "people" --json
+
+      crossmodal search "birthday cake" --after 2023-01-01 --before 2024-01-01 --under ~/Pictures --camera pixel
     """
+    from retrieval.imageio import is_raw_name
+    from retrieval.store import ImageFilter
+
     if (query is None or not query.strip()) and image is None:
         raise UserError("give a text query, an --image, or both (see `crossmodal search --help`)")
+    flt = ImageFilter(under=str(under.expanduser()) if under else None, after=after, before=before,
+                      camera=camera)
+    _check_dates(flt)
     data = _image_bytes(image) if image is not None else None
-    searcher = _searcher(model, pretrained, device, precision)
-    q = searcher.query_vector(text=query, image=data, weight=weight, negatives=negative or [])
-    hits = searcher.search_images(q, k)
+    searcher = _searcher(model, pretrained, device, precision, backend)
+    reranker = open_reranker(searcher, rerank if query and query.strip() else False, _err)
+    q = (reranker or searcher).query_vector(text=query, image=data, weight=weight, negatives=negative or [],
+                                            image_raw=image is not None and is_raw_name(str(image)))
+    hits = search_hits(searcher, reranker, q, query, k, flt, rerank_k)
     if json_out:
-        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, "path": h.item.path,
+        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, **dense_fields(h), "path": h.item.path,
                       "width": h.item.width, "height": h.item.height} for h in hits])
         return
     _table(f"{len(hits)} images", ["rank", "score", "path"],
@@ -336,9 +432,14 @@ def caption(
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = RERANK_K,
     json_out: JsonOpt = False,
 ) -> None:
     """Find the captions that best describe an image (from your corpora, else ImageNet class prompts).
+
+    The dense top --rerank-k captions are reranked by co-attention over token features (--no-rerank: off).
 
     Examples:
 
@@ -346,14 +447,16 @@ def caption(
 
       crossmodal caption photo.jpg --corpus alt-texts --json
     """
+    from retrieval.imageio import is_raw_name
+
     data = _image_bytes(image)
-    searcher = _searcher(model, pretrained, device, precision)
+    searcher = _searcher(model, pretrained, device, precision, backend)
     if searcher.store.count("text") == 0 and not json_out:
         typer.echo("no caption corpus added yet; using the built-in ImageNet vocabulary "
                    "(embedded once per model, then cached)", err=True)
-    hits = searcher.caption(data, k, corpus)
+    hits = caption_hits(searcher, data, k, corpus, is_raw_name(str(image)), rerank, rerank_k, _err)
     if json_out:
-        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, "text": h.item.text,
+        _print_json([{"rank": h.rank, "id": h.id, "score": h.score, **dense_fields(h), "text": h.item.text,
                       "corpus": h.item.corpus} for h in hits])
         return
     _table(f"captions for {image}", ["rank", "score", "text", "corpus"],
@@ -371,6 +474,7 @@ def info(json_out: JsonOpt = False) -> None:
     """
     from retrieval.store import Store
 
+    _read_only["done"] = True
     with Store.open(_home()) as store:
         fp = store.fingerprint
         data = {
@@ -390,6 +494,11 @@ def info(json_out: JsonOpt = False) -> None:
     rows = [[k, str(v)] for k, v in data.items() if k != "corpora"]
     rows += [[f"corpus {name}", str(n)] for name, n in data["corpora"].items()]
     rows += [["skipped files", str(skipped)], ["size on disk", f"{size / 1e6:.1f} MB"]]
+    if fp is not None:
+        from retrieval.onnx_encoder import export_bytes
+
+        onnx_bytes = export_bytes(store.home, fp)
+        rows += [["ONNX export (fast queries)", f"{onnx_bytes / 1e6:.1f} MB" if onnx_bytes else "none"]]
     _table("crossmodal index", ["what", "value"], rows)
 
 
@@ -465,9 +574,45 @@ def ui(
         raise typer.Exit(0) from None
 
 
+_read_only = {"done": False}  # set by query commands: nothing of theirs needs interpreter teardown
+
+
+def _report_heavy_imports() -> None:
+    """CROSSMODAL_DEBUG_IMPORTS=1: name the heavy modules this process imported (tests, benchmarks)."""
+    if os.environ.get("CROSSMODAL_DEBUG_IMPORTS"):
+        heavy = sorted(m for m in ("torch", "torchvision", "open_clip") if m in sys.modules)
+        sys.stderr.write(f"crossmodal: heavy imports: {', '.join(heavy) or 'none'}\n")
+
+
+register_rerank_commands(app, sys.modules[__name__])  # train-reranker, eval, set-reranker
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Query commands end with os._exit once their output is flushed: tearing down sqlalchemy, numpy, faiss
+    and onnxruntime at interpreter exit takes ~0.5 s and does nothing a read-only command needs.
+    """
+    import atexit
+
+    atexit.register(_report_heavy_imports)
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if not _read_only["done"] or not isinstance(e.code, (int, type(None))):
+            raise
+        code = e.code or 0
+    if not _read_only["done"]:
+        return
+    atexit.unregister(_report_heavy_imports)
+    _report_heavy_imports()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        code = code or 1
+    os._exit(code)
 
 
 if __name__ == "__main__":

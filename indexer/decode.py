@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.errors import DecodeError
-from retrieval.imageio import Preprocess, decode_for_model, sha256_hex
+from retrieval.imageio import PhotoMeta, Preprocess, decode_for_model, is_raw_name, sha256_hex
+from retrieval.thumbnails import write_thumb
 
 from .scan import FileEntry
 
@@ -26,7 +27,7 @@ class Decoded:
     pixels: np.ndarray
     width: int
     height: int
-    taken_at: str | None
+    meta: PhotoMeta
     sha256: str
 
 
@@ -36,8 +37,11 @@ class Failed:
     reason: str
 
 
-def decode_entry(entry: FileEntry, pre: Preprocess) -> Decoded | Failed:
-    """Read, hash and decode one file; every problem becomes a Failed with a one-line reason."""
+def decode_entry(entry: FileEntry, pre: Preprocess, home: str | None = None) -> Decoded | Failed:
+    """Read, hash and decode one file; every problem becomes a Failed with a one-line reason.
+
+    With `home`, the file's thumbnail is written there too (from the same decode).
+    """
     try:
         with open(entry.path, "rb") as f:
             data = f.read()
@@ -47,19 +51,25 @@ def decode_entry(entry: FileEntry, pre: Preprocess) -> Decoded | Failed:
         return Failed(entry, f"cannot read: {e.strerror or e}")
     if not data:
         return Failed(entry, "empty file (0 bytes)")
+    sha = sha256_hex(data)
     try:
-        d = decode_for_model(data, pre)
+        d = decode_for_model(data, pre, raw=is_raw_name(entry.path), thumbnail=home is not None)
     except DecodeError as e:
         return Failed(entry, str(e))
     except MemoryError:
         return Failed(entry, "out of memory while decoding")
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
         return Failed(entry, f"cannot decode: {type(e).__name__}: {e}")
-    return Decoded(entry, d.pixels, d.width, d.height, d.taken_at, sha256_hex(data))
+    if home is not None and d.thumbnail:
+        try:
+            write_thumb(home, sha, d.thumbnail)
+        except OSError:
+            pass  # thumbnails are a cache: the page and the reranker make one from the original
+    return Decoded(entry, d.pixels, d.width, d.height, d.meta, sha)
 
 
-def _decode_chunk(entries: Sequence[FileEntry], pre: Preprocess) -> list[Decoded | Failed]:
-    return [decode_entry(e, pre) for e in entries]
+def _decode_chunk(entries: Sequence[FileEntry], pre: Preprocess, home: str | None) -> list[Decoded | Failed]:
+    return [decode_entry(e, pre, home) for e in entries]
 
 
 def _chunks(items: Sequence[FileEntry], size: int) -> Iterator[list[FileEntry]]:
@@ -68,7 +78,7 @@ def _chunks(items: Sequence[FileEntry], size: int) -> Iterator[list[FileEntry]]:
 
 
 def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, chunk: int = 4,
-                  lookahead: int = 4) -> Iterator[Decoded | Failed]:
+                  lookahead: int = 4, home: str | None = None) -> Iterator[Decoded | Failed]:
     """Yield decode results in input order; `workers=0` decodes in this process.
 
     At most workers*lookahead chunks are in flight, so memory stays bounded however fast decoding is.
@@ -77,7 +87,7 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
     """
     if workers <= 0:
         for e in entries:
-            yield decode_entry(e, pre)
+            yield decode_entry(e, pre, home)
         return
     ctx = mp.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
@@ -87,7 +97,7 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
     def submit_next() -> None:
         nxt = next(todo, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_decode_chunk, nxt, pre)))
+            pending.append((nxt, pool.submit(_decode_chunk, nxt, pre, home)))
 
     try:
         for _ in range(workers * lookahead):
@@ -99,26 +109,27 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-                results = list(_retry_alone(group, pre, ctx))
-                pool, pending = _resubmit(pool, pending, pre, ctx, workers)
+                results = list(_retry_alone(group, pre, ctx, home))
+                pool, pending = _resubmit(pool, pending, pre, home)
             yield from results
             submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _retry_alone(group: Iterable[FileEntry], pre: Preprocess, ctx) -> Iterator[Decoded | Failed]:
+def _retry_alone(group: Iterable[FileEntry], pre: Preprocess, ctx, home: str | None
+                 ) -> Iterator[Decoded | Failed]:
     for e in group:
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as solo:
             try:
-                yield solo.submit(decode_entry, e, pre).result()
+                yield solo.submit(decode_entry, e, pre, home).result()
             except BrokenProcessPool:
                 yield Failed(e, "the image decoder crashed on this file")
 
 
-def _resubmit(pool: ProcessPoolExecutor, pending: deque, pre: Preprocess, ctx, workers: int
+def _resubmit(pool: ProcessPoolExecutor, pending: deque, pre: Preprocess, home: str | None
               ) -> tuple[ProcessPoolExecutor, deque]:
     fresh: deque = deque()
     for group, _ in pending:
-        fresh.append((group, pool.submit(_decode_chunk, group, pre)))
+        fresh.append((group, pool.submit(_decode_chunk, group, pre, home)))
     return pool, fresh

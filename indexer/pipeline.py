@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -9,9 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval import token_cache
 from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE
 from retrieval.encoder import Encoder
+from retrieval.imageio import usable_cores
 from retrieval.store import ImageRecord, Store
+from retrieval.thumbnails import prune_thumbs
 
 from .decode import Decoded, Failed, decode_stream
 from .scan import FileEntry, plan, scan
@@ -25,8 +29,11 @@ class IndexReport:
 
     added: int = 0
     updated: int = 0
+    moved: int = 0
+    removed: int = 0
     unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[tuple[str, int]] = field(default_factory=list)  # empty roots whose images were kept
     seconds: float = 0.0
     images_per_second: float = 0.0
     total: int = 0
@@ -35,6 +42,8 @@ class IndexReport:
         return {
             "added": self.added,
             "updated": self.updated,
+            "moved": self.moved,
+            "removed": self.removed,
             "unchanged": self.unchanged,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "seconds": round(self.seconds, 3),
@@ -43,16 +52,30 @@ class IndexReport:
 
 
 def default_workers() -> int:
-    """Decode processes: leave a core to the encoder on small machines."""
-    n = os.cpu_count() or 1
-    return max(1, min(8, n - 1)) if n > 2 else 1
+    """Decode processes. Decoding (draft-mode JPEG) costs about a quarter of what ViT-B-32 inference costs
+    per image on CPU, so one worker per four cores keeps the model fed; on two cores or fewer a worker only
+    competes with the model's threads (bench/index_throughput.py), so decoding stays in-process."""
+    n = usable_cores()
+    return 0 if n <= 2 else max(1, min(8, n // 4))
+
+
+def _share_cores(encoder: Encoder, workers: int) -> None:
+    """Give the model's threads the cores the decode workers leave (unless OMP_NUM_THREADS says otherwise)."""
+    if encoder.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(max(1, usable_cores() - workers))
 
 
 class _Committer:
     """Buffers encoded images and commits them in chunks that grow with the index (amortised O(n) I/O)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, commit_every: int = COMMIT_EVERY,
+                 before_flush: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.before_flush = before_flush  # rerank token cache: its segment is durable before the commit
+        self.commit_every = max(1, commit_every)
         self.records: list[ImageRecord] = []
         self.vectors: list[np.ndarray] = []
         self.replace: list[int] = []
@@ -65,44 +88,100 @@ class _Committer:
         self.replace += [r for r in replace if r is not None]
         self.updated += sum(r is not None for r in replace)
         self.added += sum(r is None for r in replace)
-        if len(self.records) >= max(COMMIT_EVERY, self.store.count("image") // 4):
+        if len(self.records) >= max(self.commit_every, self.store.count("image") // 4):
             self.flush()
 
     def flush(self) -> None:
         if not self.records:
             return
+        if self.before_flush:
+            self.before_flush()
         self.store.add_images(self.records, np.concatenate(self.vectors), replace=self.replace)
         self.records, self.vectors, self.replace = [], [], []
 
 
+def _find_moves(store: Store, new: list[FileEntry], missing: dict[int, str]
+                ) -> list[tuple[FileEntry, int]]:
+    """Pair new files with vanished ones of the same content: hash only new files whose size matches."""
+    if not missing or not new:
+        return []
+    shas = store.image_shas(missing)
+    with_size = {v[0]: v[1] for v in store.image_files().values() if v[0] in missing}
+    by_key: dict[tuple[int | None, str], list[int]] = {}
+    for item_id, sha in shas.items():
+        by_key.setdefault((with_size.get(item_id), sha), []).append(item_id)
+    sizes = {k[0] for k in by_key}
+    moves = []
+    for f in new:
+        if f.size not in sizes:
+            continue
+        try:
+            digest = sha256_file(f.path)
+        except OSError:
+            continue  # the decode step will report it
+        ids = by_key.get((f.size, digest))
+        if ids:
+            moves.append((f, ids.pop()))
+    return moves
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
                 workers: int | None = None, progress: ProgressFn | None = None,
-                on_plan: Callable[[int, int], None] | None = None) -> IndexReport:
-    """Embed every new or changed image under `roots` into `store`. Re-runs only stat unchanged files."""
+                commit_every: int = COMMIT_EVERY, thumbnails: bool = True) -> IndexReport:
+    """Bring the index in line with `roots`: embed new and changed images, re-path moved ones (same content:
+    the vector is kept), drop deleted ones. A re-run over an unchanged library only stats files.
+    """
     started = time.perf_counter()
     found = scan(roots)
-    todo = plan(found.files, store.image_files())
+    todo = plan(found.files, store.image_files(), roots)
+    moves = _find_moves(store, todo.new, todo.missing)
+    if moves:
+        store.move_images([(old_id, f.path, f.size, f.mtime) for f, old_id in moves])
+        moved_paths = {f.path for f, _ in moves}
+        todo.new = [f for f in todo.new if f.path not in moved_paths]
+        for _, old_id in moves:
+            todo.missing.pop(old_id, None)
     work: list[tuple[FileEntry, int | None]] = [(f, None) for f in todo.new] + list(todo.changed)
-    report = IndexReport(unchanged=todo.unchanged, skipped=list(found.skipped), total=len(work))
-    if on_plan:
-        on_plan(len(work), todo.unchanged)
+    report = IndexReport(unchanged=todo.unchanged, skipped=list(found.skipped), total=len(work),
+                         moved=len(moves), kept=todo.kept)
     replaces = {f.path: old for f, old in work}
-    committer = _Committer(store)
+    old_shas = store.image_shas([old for _, old in todo.changed] + list(todo.missing))
+    tokens = token_cache.writer_for(store.home, encoder, "image", commit_every)  # reranker's token cache
+    committer = _Committer(store, commit_every, before_flush=tokens.flush if tokens else None)
     batch: list[Decoded] = []
     done = 0
 
     def encode_batch() -> None:
         if not batch:
             return
-        vectors = encoder.encode_pixels(np.stack([d.pixels for d in batch]))
+        pixels = np.stack([d.pixels for d in batch])
+        if tokens is not None:  # one vision pass gives the vectors and the reranker's tokens
+            vectors, toks = encoder.encode_pixels_with_tokens(pixels)
+            tokens.add([d.sha256 for d in batch], toks)
+        else:
+            vectors = encoder.encode_pixels(pixels)
         records = [ImageRecord(path=d.entry.path, sha256=d.sha256, bytes=d.entry.size, mtime=d.entry.mtime,
-                               width=d.width, height=d.height, taken_at=d.taken_at) for d in batch]
+                               width=d.width, height=d.height, taken_at=d.meta.taken_at,
+                               camera_make=d.meta.camera_make, camera_model=d.meta.camera_model,
+                               gps_lat=d.meta.gps_lat, gps_lon=d.meta.gps_lon) for d in batch]
         committer.add(records, vectors, [replaces[d.entry.path] for d in batch])
         batch.clear()
 
     nworkers = default_workers() if workers is None else workers
+    _share_cores(encoder, nworkers)
+    home = str(store.home) if thumbnails else None
+    lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # keep a batch decoded ahead of the model
     try:
-        for res in decode_stream([f for f, _ in work], encoder.preprocess, nworkers):
+        for res in decode_stream([f for f, _ in work], encoder.preprocess, nworkers, home=home,
+                                 lookahead=lookahead):
             if isinstance(res, Failed):
                 report.skipped.append((res.entry.path, res.reason))
                 done += 1
@@ -120,9 +199,46 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
         # Whatever was embedded is committed, also on Ctrl-C: the next run resumes after it.
         committer.flush()
         store.record_skipped(report.skipped)
+    report.removed = store.remove_images(todo.missing)
+    stale = set(old_shas.values())
+    prune_thumbs(store.home, stale - store.shas_in_use(stale))
+    if stale:
+        compact_tokens(store)
     if progress:
         progress(done, len(work))
     report.added, report.updated = committer.added, committer.updated
     report.seconds = time.perf_counter() - started
     report.images_per_second = len(work) / report.seconds if report.seconds > 0 and work else 0.0
     return report
+
+
+def compact_tokens(store: Store, min_dead: int = 64) -> int:
+    """Drop rerank-token entries of images no longer indexed once they are a quarter of the cache or more
+    (a rewrite is O(cache), so it is not done for every deletion). Returns how many entries went."""
+    from retrieval.token_cache import TokenCache, compact
+
+    fp = store.fingerprint
+    if fp is None:
+        return 0
+    cache = TokenCache.open(store.home, fp, "image")
+    total = len(cache)
+    if total == 0:
+        return 0
+    live = store.all_image_shas()
+    dead = total - sum(1 for k in live if k in cache)
+    if dead < max(min_dead, total // 4):
+        return 0
+    return total - compact(store.home, fp, "image", live)
+
+
+def remove_paths(store: Store, paths: Sequence[str]) -> int:
+    """Drop every indexed image at or under the given paths (files need not exist any more)."""
+    ids: set[int] = set()
+    for p in paths:
+        ids.update(store.ids_under(p))
+    shas = set(store.image_shas(ids).values())
+    n = store.remove_images(ids)
+    prune_thumbs(store.home, shas - store.shas_in_use(shas))
+    compact_tokens(store)
+    return n
+

@@ -34,6 +34,8 @@ class Plan:
     new: list[FileEntry]
     changed: list[tuple[FileEntry, int]]  # entry and the id it replaces
     unchanged: int
+    missing: dict[int, str] = field(default_factory=dict)  # id -> old path: indexed, no longer found
+    kept: list[tuple[str, int]] = field(default_factory=list)  # (root, n): empty roots not emptied
 
 
 def _is_image_name(name: str) -> bool:
@@ -102,12 +104,25 @@ def scan(roots: Iterable[str | os.PathLike[str]]) -> ScanResult:
     return result
 
 
-def plan(files: Iterable[FileEntry], known: Mapping[str, tuple[int, int | None, float | None]]) -> Plan:
-    """Split scanned files into new, changed (same path, other size or mtime) and unchanged."""
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def plan(files: Iterable[FileEntry], known: Mapping[str, tuple[int, int | None, float | None]],
+         roots: Iterable[str | os.PathLike[str]] = ()) -> Plan:
+    """Split scanned files into new, changed (same path, other size or mtime) and unchanged, and list the
+    indexed files under `roots` that were not found (deleted or moved).
+
+    A root that yields no files at all while the index holds images under it is left alone (an unmounted
+    drive must not empty the index); it is reported in `kept`.
+    """
+    files = list(files)
     new: list[FileEntry] = []
     changed: list[tuple[FileEntry, int]] = []
     unchanged = 0
+    seen = set()
     for f in files:
+        seen.add(f.path)
         hit = known.get(f.path)
         if hit is None:
             new.append(f)
@@ -115,4 +130,14 @@ def plan(files: Iterable[FileEntry], known: Mapping[str, tuple[int, int | None, 
             unchanged += 1
         else:
             changed.append((f, hit[0]))
-    return Plan(new=new, changed=changed, unchanged=unchanged)
+    missing: dict[int, str] = {}
+    kept: list[tuple[str, int]] = []
+    for root in roots:
+        base = os.path.abspath(os.path.expanduser(os.fspath(root)))
+        under = [(p, v[0]) for p, v in known.items() if _under(p, base)]
+        gone = [(p, i) for p, i in under if p not in seen]
+        if gone and len(gone) == len(under) and not any(_under(f.path, base) for f in files):
+            kept.append((base, len(gone)))
+            continue
+        missing.update({i: p for p, i in gone})
+    return Plan(new=new, changed=changed, unchanged=unchanged, missing=missing, kept=kept)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval import token_cache
 from retrieval.encoder import Encoder
 from retrieval.errors import CorpusError
 from retrieval.imageio import read_bytes
@@ -117,9 +118,15 @@ def add_corpus(store: Store, encoder: Encoder, path: str | Path, corpus: str | N
         if h not in have:
             have.add(h)
             fresh.append(TextRecord(corpus=name, row=row, text=text, sha256=h))
+    tokens = token_cache.writer_for(store.home, encoder, "text")  # reranker's token cache
     for start in range(0, len(fresh), COMMIT_TEXTS):
         part = fresh[start:start + COMMIT_TEXTS]
-        vectors = encoder.encode_texts([r.text for r in part])
+        if tokens is not None:  # one text pass gives the vectors and the reranker's tokens
+            vectors, toks = encoder.encode_texts_with_tokens([r.text for r in part])
+            tokens.add([r.sha256 for r in part], toks)
+            tokens.flush()  # durable before the catalog commit of the same captions
+        else:
+            vectors = encoder.encode_texts([r.text for r in part])
         store.add_texts(part, vectors)
         if progress:
             progress(start + len(part), len(fresh))

@@ -14,9 +14,12 @@ DEFAULT_WEIGHT = 0.5
 COMMIT_EVERY = 512
 # Decompression-bomb guard: images above this many pixels are refused before a full decode.
 MAX_IMAGE_PIXELS = 200_000_000
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"})
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
-)
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+) | RAW_EXTENSIONS
+# Thumbnails written while indexing (short side, pixels): for the page and for reranking.
+THUMB_SIZE = 256
 HOME_ENV = "CROSSMODAL_HOME"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import ModelSpec
 from .errors import ModelUnavailable, UserError
-from .imageio import Preprocess, decode_for_model
+from .imageio import Preprocess, decode_for_model, usable_cores
 from .weights import (
     check_model,
     check_tag,
@@ -191,9 +191,9 @@ class Encoder:
         with self._inference():
             return self._normalise(self.model.encode_image(self.pixels_to_tensor(pixels)))
 
-    def encode_image_bytes(self, data: bytes) -> np.ndarray:
+    def encode_image_bytes(self, data: bytes, raw: bool = False) -> np.ndarray:
         """Embed one query image given as file bytes; decode errors surface as DecodeError."""
-        decoded = decode_for_model(data, self.preprocess)
+        decoded = decode_for_model(data, self.preprocess, raw=raw)
         return self.encode_pixels(decoded.pixels[None])[0]
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -208,6 +208,45 @@ class Encoder:
             with self._inference():
                 out[sel] = self._normalise(encode_text_trimmed(self.model, tokens[sel].to(self.device)))
         return out
+
+    # ---- token features for the co-attention reranker (see retrieval/tokens.py) ----------------
+    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ONE vision pass: (unit pooled vectors (B,d) equal to encode_pixels, token features (B,1+P,d))."""
+        from .tokens import image_forward
+
+        with self._inference():
+            pooled, tokens = image_forward(self.model, self.pixels_to_tensor(pixels))
+            return self._normalise(pooled), tokens.float().cpu().numpy()
+
+    def encode_text_tokens(self, texts: Sequence[str]) -> Any:
+        """Per-token text features of one batch of texts (retrieval.tokens.TextTokens, padded to the longest)."""
+        from .tokens import TextTokens, text_forward
+
+        with self._inference():
+            pooled, feats, mask = text_forward(self.model, self.tokenizer(list(texts)).to(self.device))
+            return TextTokens(tokens=feats.float().cpu().numpy(), mask=mask.cpu().numpy(),
+                              pooled=self._normalise(pooled))
+
+    def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
+                                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
+        from .tokens import text_forward
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        toks: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
+        if not len(texts):
+            return out, toks
+        tokens = self.tokenizer(list(texts))
+        order = np.argsort(_token_lengths(tokens), kind="stable")
+        for i in range(0, len(order), batch_size):
+            sel = order[i:i + batch_size]
+            with self._inference():
+                pooled, feats, mask = text_forward(self.model, tokens[sel].to(self.device))
+                out[sel] = self._normalise(pooled)
+                feats, mask = feats.float().cpu().numpy(), mask.cpu().numpy()
+            for j, row in enumerate(sel):
+                toks[row] = feats[j][mask[j]]
+        return out, toks
 
 
 def _token_lengths(tokens: Any) -> np.ndarray:
@@ -256,8 +295,8 @@ def load_encoder(spec: ModelSpec, checkpoint_sha: str | None = None) -> Encoder:
 
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
-    if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(usable_cores())
     model, tokenizer, pre = _create(spec, device)
     model.eval()
     with torch.inference_mode():

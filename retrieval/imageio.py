@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import MAX_IMAGE_PIXELS
+from .config import MAX_IMAGE_PIXELS, RAW_EXTENSIONS, THUMB_SIZE
 from .errors import DecodeError, InputNotFound
 
 _heif_registered = False
+# Our own pixel cap (checked before decoding) replaces Pillow's warning-then-error thresholds.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def _register_heif() -> None:
@@ -51,13 +53,29 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class PhotoMeta:
+    """What EXIF says about a photo; every field is optional because most files lack some."""
+
+    taken_at: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """Model-ready pixels plus the facts the catalog keeps about the original."""
 
     pixels: np.ndarray  # uint8, (size, size, 3)
     width: int
     height: int
-    taken_at: str | None
+    meta: PhotoMeta
+    thumbnail: bytes | None = None  # JPEG, THUMB_SIZE on the short side
+
+    @property
+    def taken_at(self) -> str | None:
+        return self.meta.taken_at
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -76,17 +94,54 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _taken_at(img: Image.Image) -> str | None:
-    """EXIF DateTimeOriginal (else DateTime) as ISO 8601, or None."""
+def _exif_text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    text = text.strip().strip("\x00").strip()
+    return text or None
+
+
+def _gps_degrees(dms: object, ref: object) -> float | None:
+    try:
+        d, m, sec = (float(x) for x in dms)  # type: ignore[union-attr]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    value = d + m / 60.0 + sec / 3600.0
+    if _exif_text(ref) in ("S", "W"):
+        value = -value
+    return round(value, 7)
+
+
+def photo_meta(img: Image.Image) -> PhotoMeta:
+    """EXIF capture time (DateTimeOriginal, else DateTime) as ISO 8601, camera make/model, GPS."""
     try:
         exif = img.getexif()
-        raw = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
-        if not raw:
-            return None
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        return datetime.strptime(text.strip().rstrip("\x00")[:19], "%Y:%m:%d %H:%M:%S").isoformat()
     except Exception:  # noqa: BLE001 - bad EXIF must never cost the image
-        return None
+        return PhotoMeta()
+    taken = None
+    try:
+        raw = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
+        text = _exif_text(raw)
+        if text:
+            taken = datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S").isoformat()
+    except Exception:  # noqa: BLE001
+        taken = None
+    lat = lon = None
+    try:
+        gps = exif.get_ifd(0x8825)
+        if gps:
+            lat = _gps_degrees(gps.get(2), gps.get(1))
+            lon = _gps_degrees(gps.get(4), gps.get(3))
+            if lat is not None and not -90 <= lat <= 90 or lon is not None and not -180 <= lon <= 180:
+                lat = lon = None
+    except Exception:  # noqa: BLE001
+        lat = lon = None
+    try:
+        make, model = _exif_text(exif.get(0x010F)), _exif_text(exif.get(0x0110))
+    except Exception:  # noqa: BLE001
+        make = model = None
+    return PhotoMeta(taken_at=taken, camera_make=make, camera_model=model, gps_lat=lat, gps_lon=lon)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -107,16 +162,61 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(data: bytes, target: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
-               ) -> tuple[Image.Image, int, int, str | None]:
+def _raw_image(data: bytes, target: int | None) -> tuple[Image.Image, PhotoMeta]:
+    """Camera RAW via rawpy: the embedded JPEG preview when it is big enough, else a half-size develop."""
+    try:
+        import rawpy
+    except ImportError as e:
+        raise DecodeError("camera RAW support needs the rawpy package (pip install rawpy)") from e
+    meta = PhotoMeta()
+    try:  # most RAW containers are TIFF-like: Pillow can often read their EXIF
+        with Image.open(io.BytesIO(data)) as container:
+            meta = photo_meta(container)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            flip = raw.sizes.flip
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                thumb = None
+            img = None
+            if thumb is not None:
+                if thumb.format == rawpy.ThumbFormat.JPEG:
+                    img = Image.open(io.BytesIO(thumb.data))
+                    img.load()
+                else:
+                    img = Image.fromarray(np.asarray(thumb.data))
+                img = _to_rgb(img)
+                img = img.transpose(_RAW_FLIP[flip]) if flip in _RAW_FLIP else img
+                if target and min(img.size) < target:
+                    img = None  # a tiny preview would blur the embedding: develop instead
+            if img is None:
+                img = Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8))
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - LibRaw errors come in many types
+        raise DecodeError(f"cannot decode camera RAW: {e}") from e
+    return img, meta
+
+
+_RAW_FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
+
+
+def load_image(data: bytes, target: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+               raw: bool = False) -> tuple[Image.Image, int, int, PhotoMeta]:
     """Decode bytes to an upright RGB image (first frame), optionally JPEG-draft-reduced toward `target`.
 
-    Returns (image, original width, original height, taken_at); width and height are after EXIF rotation.
-    Raises DecodeError for anything that is not a decodable image.
+    Returns (image, original width, original height, metadata); width and height are after EXIF rotation.
+    `raw` routes camera RAW files through rawpy. Raises DecodeError for anything that is not an image.
     """
+    if raw:
+        img, meta = _raw_image(data, target)
+        return img, img.size[0], img.size[1], meta
     img = _open(data, max_pixels)
     try:
-        taken = _taken_at(img)
+        meta = photo_meta(img)
         orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
         w, h = img.size
         if orientation in (5, 6, 7, 8):
@@ -138,7 +238,25 @@ def load_image(data: bytes, target: int | None = None, max_pixels: int = MAX_IMA
         raise DecodeError(f"corrupt or truncated image: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise DecodeError(f"cannot decode image: {e}") from e
-    return img, w, h, taken
+    return img, w, h, meta
+
+
+MAX_ASPECT = 4.0
+
+
+def _limit_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    """Center-crop panoramas beyond `max_aspect`: the model only sees the center anyway, and resizing a
+    1x60000 strip's short side to 224 would allocate billions of pixels."""
+    w, h = img.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return img
+    if w > h:
+        nw = int(max_aspect * h)
+        left = (w - nw) // 2
+        return img.crop((left, 0, left + nw, h))
+    nh = int(max_aspect * w)
+    top = (h - nh) // 2
+    return img.crop((0, top, w, top + nh))
 
 
 def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
@@ -162,6 +280,7 @@ def prepare(img: Image.Image, pre: Preprocess) -> np.ndarray:
         out = Image.new("RGB", (s, s), (pre.fill_color,) * 3)
         out.paste(small, ((s - nw) // 2, (s - nh) // 2))
     else:
+        img = _limit_aspect(img, MAX_ASPECT)
         w, h = img.size
         nw, nh = _resized_size(w, h, s)
         if (nw, nh) != (w, h):
@@ -172,10 +291,39 @@ def prepare(img: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.array(out, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
 
 
-def decode_for_model(data: bytes, pre: Preprocess, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
+def make_thumbnail(img: Image.Image, short_side: int = THUMB_SIZE, quality: int = 82) -> bytes:
+    """A small JPEG for the page and the reranker; never larger than the source."""
+    img = _limit_aspect(img, MAX_ASPECT)
+    w, h = img.size
+    scale = min(1.0, short_side / max(1, min(w, h)))
+    small = img if scale >= 1.0 else img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def decode_for_model(data: bytes, pre: Preprocess, max_pixels: int = MAX_IMAGE_PIXELS, raw: bool = False,
+                     thumbnail: bool = False) -> DecodedImage:
     """Bytes -> model-ready uint8 pixels and catalog facts; the one path for index and query images."""
-    img, w, h, taken = load_image(data, target=pre.size, max_pixels=max_pixels)
-    return DecodedImage(pixels=prepare(img, pre), width=w, height=h, taken_at=taken)
+    # One draft target for index and query alike, so an indexed photo used as a query gives its own vector.
+    target = max(pre.size, THUMB_SIZE)
+    img, w, h, meta = load_image(data, target=target, max_pixels=max_pixels, raw=raw)
+    thumb = make_thumbnail(img) if thumbnail else None
+    return DecodedImage(pixels=prepare(img, pre), width=w, height=h, meta=meta, thumbnail=thumb)
+
+
+def is_raw_name(name: str) -> bool:
+    """Camera RAW files are routed by extension: Pillow would misread many of them as small TIFFs."""
+    return Path(name).suffix.lower() in RAW_EXTENSIONS
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes:

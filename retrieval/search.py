@@ -21,6 +21,8 @@ class Hit:
     id: int
     score: float
     item: ItemView
+    dense_rank: int | None = None  # set by the reranker (retrieval/rerank.py): rank and score before it
+    dense_score: float | None = None
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -55,7 +57,7 @@ class Searcher:
         self.encoder = encoder
 
     def query_vector(self, text: str | None = None, image: bytes | None = None,
-                     weight: float = 0.5, negatives: Sequence[str] = ()) -> np.ndarray:
+                     weight: float = 0.5, negatives: Sequence[str] = (), image_raw: bool = False) -> np.ndarray:
         """Embed and fuse the parts of a query into one unit vector."""
         if text is not None and not text.strip():
             text = None
@@ -63,7 +65,7 @@ class Searcher:
         texts = ([text] if text is not None else []) + list(negatives)
         emb = self.encoder.encode_texts(texts) if texts else np.zeros((0, self.encoder.dim), np.float32)
         t = emb[0] if text is not None else None
-        i = self.encoder.encode_image_bytes(image) if image is not None else None
+        i = self.encoder.encode_image_bytes(image, raw=image_raw) if image is not None else None
         return combine(t, i, weight, list(emb[1:] if text is not None else emb))
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
@@ -103,9 +105,9 @@ class Searcher:
                                   None))
                 for r, i in enumerate(top, 1)]
 
-    def caption(self, image: bytes, k: int, corpus: str | None = None) -> list[Hit]:
+    def caption(self, image: bytes, k: int, corpus: str | None = None, raw: bool = False) -> list[Hit]:
         """Image -> best captions."""
-        return self.search_texts(self.query_vector(image=image), k, corpus)
+        return self.search_texts(self.query_vector(image=image, image_raw=raw), k, corpus)
 
     def similar(self, image: bytes, k: int, flt: ImageFilter | None = None) -> list[Hit]:
         """Image -> most similar images."""

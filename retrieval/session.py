@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ModelSpec
-from .encoder import Encoder, load_encoder
+from .encoder import Encoder
 from .errors import IndexMissing, ModelMismatch, ModelUnavailable
 from .search import Searcher
 from .store import Store
@@ -70,15 +71,18 @@ def requested_spec(store: Store, model: str | None, pretrained: str | None, devi
 
 
 def open_searcher(home: str | Path, model: str | None = None, pretrained: str | None = None,
-                  device: str = "auto", precision: str = "auto") -> Searcher:
-    """Open the index read-only and load its recorded model."""
+                  device: str = "auto", precision: str = "auto", backend: str = "auto",
+                  notify: Callable[[str], None] | None = None) -> Searcher:
+    """Open the index read-only with its recorded model, on ONNX Runtime when it can (see backend.py).
+
+    `notify` receives one line when a query falls back to torch, and why.
+    """
+    from .backend import query_encoder
+
     store = Store.open(home)
     if store.fingerprint is None:
         raise IndexMissing(f"the index in {store.home} is empty; run `crossmodal index FOLDER` first")
-    spec, sha = requested_spec(store, model, pretrained, device, precision)
-    encoder = load_encoder(spec, checkpoint_sha=sha)
-    check_encoder(store, encoder)
-    return Searcher(store, encoder)
+    return Searcher(store, query_encoder(store, model, pretrained, device, precision, backend, notify))
 
 
 def check_encoder(store: Store, encoder: Encoder) -> None:

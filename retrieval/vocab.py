@@ -6,45 +6,66 @@ Used by `caption` when no corpus has been added. Each class is the mean of its p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from .encoder import Encoder
 
 BUILTIN_CORPUS = "builtin:imagenet"
 
 
-def _cache_path(home: Path, encoder: Encoder) -> Path:
+def _cache_path(home: Path, encoder: Any) -> Path:
     fp = encoder.fingerprint
     key = hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|v1".encode()).hexdigest()[:16]
     return home / "vocab" / f"imagenet-{key}.npz"
 
 
-def builtin_vocabulary(encoder: Encoder, home: Path) -> tuple[list[str], np.ndarray]:
-    """(texts, unit vectors) for the 1,000 ImageNet classes; embeds once, then loads from the cache."""
+def _zero_shot(encoder: Any) -> tuple[list[str], list[Callable[[str], str]]]:
+    """Class names and prompt templates: from the ONNX export (no open_clip import) or from open_clip."""
+    exported = getattr(encoder, "zero_shot_metadata", None)
+    if exported is not None:
+        names, templates = exported()
+        return names, [functools.partial(_fill, t) for t in templates]
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 
-    texts = [f"a photo of a {c}." for c in IMAGENET_CLASSNAMES]
+    return list(IMAGENET_CLASSNAMES), list(SIMPLE_IMAGENET_TEMPLATES)
+
+
+def _fill(template: str, name: str) -> str:
+    return template.replace("{}", name)
+
+
+def builtin_vocabulary(encoder: Any, home: Path) -> tuple[list[str], np.ndarray]:
+    """(texts, unit vectors) for the 1,000 ImageNet classes; embeds once, then loads from the cache.
+
+    The cache holds the texts too, so a cached vocabulary needs neither open_clip nor a model.
+    """
     path = _cache_path(home, encoder)
     if path.is_file():
         try:
             with np.load(path) as z:
                 vectors = z["vectors"]
+                texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+            if texts is None:  # a cache from before texts were stored
+                texts = [f"a photo of a {c}." for c in _zero_shot(encoder)[0]]
             if vectors.shape == (len(texts), encoder.dim):
                 return texts, vectors
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is simply rebuilt
-    prompts = [t(c) for c in IMAGENET_CLASSNAMES for t in SIMPLE_IMAGENET_TEMPLATES]
+    classnames, templates = _zero_shot(encoder)
+    texts = [f"a photo of a {c}." for c in classnames]
+    prompts = [t(c) for c in classnames for t in templates]
     emb = encoder.encode_texts(prompts, batch_size=256)
-    emb = emb.reshape(len(IMAGENET_CLASSNAMES), len(SIMPLE_IMAGENET_TEMPLATES), -1).mean(axis=1)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
     vectors = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, vectors=vectors)
+        np.savez(tmp, vectors=vectors, texts=np.asarray(texts))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home still answers, it just embeds again next time

@@ -91,10 +91,10 @@ def _oracle(home: Path, modality: str, q: np.ndarray, k: int) -> list[int]:
 
 def test_search_json_matches_oracle(cli_home, encoder, photos):
     home, _ = cli_home
-    r = ok(run_cli("search", "a dog running on a beach", "-k", "4", "--json", home=home))
+    r = ok(run_cli("search", "a dog running on a beach", "-k", "4", "--json", "--no-rerank", home=home))
     hits = json.loads(r.stdout)
     assert [h["rank"] for h in hits] == [1, 2, 3, 4]
-    assert set(hits[0]) == {"rank", "id", "score", "path", "width", "height"}
+    assert set(hits[0]) == {"rank", "id", "score", "dense_score", "dense_rank", "path", "width", "height"}
     q = encoder.encode_texts(["a dog running on a beach"])[0]
     assert [h["id"] for h in hits] == _oracle(home, "image", q, 4)
     assert all(Path(h["path"]).is_absolute() and Path(h["path"]).exists() for h in hits)
@@ -104,7 +104,7 @@ def test_search_json_matches_oracle(cli_home, encoder, photos):
     assert hits[0]["path"] == str(photos["img04"]) and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
 
     r = ok(run_cli("search", "at night", "--image", str(photos["img04"]), "--weight", "0.5",
-                   "--not", "people", "-k", "5", "--json", home=home))
+                   "--not", "people", "-k", "5", "--json", "--no-rerank", home=home))
     t, n = encoder.encode_texts(["at night", "people"])
     i = encoder.encode_image_bytes(photos["img04"].read_bytes())
     q = 0.5 * t + 0.5 * i
@@ -119,9 +119,9 @@ def test_search_json_matches_oracle(cli_home, encoder, photos):
 
 def test_caption(cli_home, encoder, photos, tmp_path):
     home, _ = cli_home
-    r = ok(run_cli("caption", str(photos["img02"]), "-k", "3", "--json", home=home))
+    r = ok(run_cli("caption", str(photos["img02"]), "-k", "3", "--json", "--no-rerank", home=home))
     hits = json.loads(r.stdout)
-    assert set(hits[0]) == {"rank", "id", "score", "text", "corpus"}
+    assert set(hits[0]) == {"rank", "id", "score", "dense_score", "dense_rank", "text", "corpus"}
     q = encoder.encode_image_bytes(photos["img02"].read_bytes())
     if hits[0]["corpus"] != "builtin:imagenet":
         assert [h["id"] for h in hits] == _oracle(home, "text", q, 3)
@@ -178,6 +178,26 @@ def test_no_weights_offline(tmp_path, photos):
 def test_help_has_examples():
     r = ok(run_cli("--help"))
     assert "crossmodal index" in r.stdout
-    for cmd in ["index", "add-texts", "search", "caption", "info", "skipped", "repair", "ui"]:
+    for cmd in ["index", "remove", "add-texts", "search", "caption", "info", "skipped", "repair", "ui"]:
         out = ok(run_cli(cmd, "--help")).stdout
         assert "Example" in out, cmd
+
+
+def test_filters_remove_and_skipped_from_the_cli(cli_home, photos, tmp_path, checkpoint):
+    home, _ = cli_home
+    r = ok(run_cli("search", "x", "--under", str(photos["root"] / "sub"), "-k", "20", "--json", home=home))
+    paths = [h["path"] for h in json.loads(r.stdout)]
+    assert len(paths) == 4 and all(p.startswith(str(photos["root"] / "sub") + "/") for p in paths)
+    r = ok(run_cli("search", "x", "--after", "2021-06-01", "--before", "2021-07-01", "--json", home=home))
+    assert [h["path"] for h in json.loads(r.stdout)] == [str(photos["rotated"])]
+    assert json.loads(ok(run_cli("search", "x", "--camera", "leica", "--json", home=home)).stdout) == []
+    user_error(run_cli("search", "x", "--after", "last tuesday", home=home), "not a date")
+    skipped = json.loads(ok(run_cli("skipped", "--json", home=home)).stdout)
+    assert {Path(s["path"]).name for s in skipped} == {"truncated.jpg", "empty.jpg", "notes.jpg"}
+
+    small = tmp_path / "small-home"
+    ok(run_cli("index", str(photos["img01"]), str(photos["img02"]), "--model", TEST_MODEL, "--pretrained",
+               str(checkpoint), "--quiet", home=small))
+    r = ok(run_cli("remove", str(photos["img01"]), "--json", home=small))
+    assert json.loads(r.stdout) == {"removed": 1}
+    assert json.loads(ok(run_cli("info", "--json", home=small)).stdout)["images"] == 1

@@ -21,9 +21,9 @@ def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def test_exif_rotation_applied(tmp_path):
     data = exif_rotated_jpeg(tmp_path / "r.jpg").read_bytes()
-    img, w, h, taken = load_image(data)
+    img, w, h, meta = load_image(data)
     assert (w, h) == (80, 120) and img.size == (80, 120)
-    assert taken == "2021-06-15T10:30:00"
+    assert meta.taken_at == "2021-06-15T10:30:00"
 
 
 def test_prepare_matches_open_clip_transform():
@@ -32,7 +32,7 @@ def test_prepare_matches_open_clip_transform():
 
     _, _, transform = open_clip.create_model_and_transforms("ViT-S-32")
     pre = Preprocess()
-    for size in [(300, 200), (200, 300), (224, 224), (640, 97)]:
+    for size in [(300, 200), (200, 300), (224, 224), (390, 100)]:
         img = _pattern(sum(size), size)
         ours = torch.from_numpy(prepare(img, pre)).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(pre.mean).view(3, 1, 1)
@@ -41,6 +41,23 @@ def test_prepare_matches_open_clip_transform():
         theirs = transform(img)
         assert ours.shape == theirs.shape
         assert torch.allclose(ours, theirs, atol=1e-5), size
+
+
+def test_panorama_is_center_cropped_without_blowing_up():
+    import open_clip
+    import torch
+
+    _, _, transform = open_clip.create_model_and_transforms("ViT-S-32")
+    pre = Preprocess()
+    img = _pattern(11, (1400, 100))
+    ours = torch.from_numpy(prepare(img, pre)).permute(2, 0, 1).float() / 255.0
+    ours = (ours - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+    assert (ours - transform(img)).abs().mean() < 0.02  # same center, only edge resampling differs
+    strip = Image.new("RGB", (1, 60000), (10, 200, 30))
+    d = decode_for_model(_bytes(strip, "PNG"), pre, thumbnail=True)
+    assert d.pixels.shape == (224, 224, 3) and (d.width, d.height) == (1, 60000)
+    thumb = Image.open(io.BytesIO(d.thumbnail))
+    assert max(thumb.size) <= 4 * min(thumb.size)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "CMYK", "P", "I;16", "1"])
@@ -93,3 +110,23 @@ def test_jpeg_draft_keeps_enough_resolution():
     img, w, h, _ = load_image(data, target=224)
     assert (w, h) == (2000, 1500)
     assert min(img.size) >= 224 and img.size[0] < 2000
+
+
+def test_index_and_query_decode_identically():
+    """An indexed photo used as a query must reproduce its own pixels (same draft target either way)."""
+    data = _bytes(_pattern(12, (600, 500)), "JPEG")
+    indexed = decode_for_model(data, Preprocess(), thumbnail=True)
+    queried = decode_for_model(data, Preprocess())
+    assert np.array_equal(indexed.pixels, queried.pixels)
+
+
+def test_thumbnail_write_failure_keeps_the_image(tmp_path):
+    from indexer.decode import Decoded, decode_entry
+    from indexer.scan import FileEntry
+
+    p = tmp_path / "a.jpg"
+    _pattern(13, (80, 60)).save(p)
+    home = tmp_path / "home-is-a-file"
+    home.write_text("not a folder")
+    res = decode_entry(FileEntry(str(p), p.stat().st_size, p.stat().st_mtime), Preprocess(), str(home))
+    assert isinstance(res, Decoded)

@@ -18,7 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -53,6 +53,10 @@ class Item(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     taken_at: Mapped[str | None] = mapped_column(String(32))
+    camera_make: Mapped[str | None] = mapped_column(String(100))  # schema 2
+    camera_model: Mapped[str | None] = mapped_column(String(100))  # schema 2
+    gps_lat: Mapped[float | None] = mapped_column(Float)  # schema 2
+    gps_lon: Mapped[float | None] = mapped_column(Float)  # schema 2
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -40,6 +40,10 @@ class ImageRecord:
     width: int
     height: int
     taken_at: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,10 @@ class ImageFilter:
     under: str | None = None
     after: str | None = None
     before: str | None = None
+    camera: str | None = None  # case-insensitive substring of "make model"
 
     def active(self) -> bool:
-        return bool(self.under or self.after or self.before)
+        return bool(self.under or self.after or self.before or self.camera)
 
 
 def _iso_to_ts(text: str) -> float:
@@ -91,16 +96,35 @@ class ItemView:
     height: int | None
     taken_at: str | None
     bytes: int | None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+    sha256: str | None = None
 
     @classmethod
     def of(cls, it: Item) -> ItemView:
         return cls(it.id, it.modality, it.path, it.corpus, it.row, it.text, it.width, it.height,
-                   it.taken_at, it.bytes)
+                   it.taken_at, it.bytes, it.camera_make, it.camera_model, it.gps_lat, it.gps_lon, it.sha256)
+
+    @property
+    def camera(self) -> str | None:
+        parts = [p for p in (self.camera_make, self.camera_model) if p]
+        return " ".join(parts) or None
+
+
+def _v1_to_v2(session: Session) -> None:
+    """Schema 2 adds camera make/model and GPS position to items."""
+    from sqlalchemy import text
+
+    for column, kind in (("camera_make", "VARCHAR(100)"), ("camera_model", "VARCHAR(100)"),
+                         ("gps_lat", "FLOAT"), ("gps_lon", "FLOAT")):
+        session.execute(text(f"ALTER TABLE items ADD COLUMN {column} {kind}"))
 
 
 def _migrate(session: Session, found: int) -> None:
     """The migration ladder: step found -> found+1 until current. Version 1 is the first schema."""
-    ladder: dict[int, object] = {}
+    ladder: dict[int, object] = {1: _v1_to_v2}
     while found < SCHEMA_VERSION:
         step = ladder.get(found)
         if step is None:
@@ -147,23 +171,33 @@ class Store:
 
     def _prepare_schema(self) -> None:
         if self.writable:
-            Base.metadata.create_all(self.engine)
-        with Session(self.engine) as s, s.begin():
-            row = s.get(Meta, "schema_version")
-            if row is None:
-                if not self.writable:
-                    raise IndexMissing(f"{self.home} holds no crossmodal catalog")
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                return
-            found = int(row.value)
-            if found > SCHEMA_VERSION:
-                raise SchemaTooNew(f"index in {self.home} was written by a newer crossmodal "
-                                   f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
-            if found < SCHEMA_VERSION:
-                if not self.writable:
-                    raise SchemaTooNew(f"index in {self.home} needs an upgrade; run `crossmodal index` once")
-                _migrate(s, found)
-                row.value = str(SCHEMA_VERSION)
+            from sqlalchemy import inspect
+
+            if not inspect(self.engine).has_table("items"):
+                Base.metadata.create_all(self.engine)
+            else:  # tables of an older schema are migrated below, never recreated
+                Base.metadata.create_all(self.engine, tables=[Meta.__table__, Skipped.__table__])
+        lock: WriterLock | None = None
+        try:
+            with Session(self.engine) as s, s.begin():
+                row = s.get(Meta, "schema_version")
+                if row is None:
+                    if not self.writable:
+                        raise IndexMissing(f"{self.home} holds no crossmodal catalog")
+                    s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                    return
+                found = int(row.value)
+                if found > SCHEMA_VERSION:
+                    raise SchemaTooNew(f"index in {self.home} was written by a newer crossmodal "
+                                       f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
+                if found < SCHEMA_VERSION:
+                    # Readers upgrade too (holding the writer lock meanwhile), so queries keep working.
+                    lock = None if self.writable else WriterLock(self.home)
+                    _migrate(s, found)
+                    row.value = str(SCHEMA_VERSION)
+        finally:
+            if lock:
+                lock.release()
 
     def _vector_path(self, modality: str, gen: int) -> Path:
         return self.home / "vectors" / f"{modality}-{gen}.faiss"
@@ -257,6 +291,17 @@ class Store:
         raw = self.meta.get("checkpoint_stat")
         return json.loads(raw) if raw else None
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Record one small fact about the index (e.g. the reranker file) in the meta table."""
+        self._require_writable()
+        with Session(self.engine) as s, s.begin():
+            s.merge(Meta(key=key, value=value))
+        self.meta[key] = value
+
+    def get_meta(self, key: str) -> str | None:
+        """A meta value as of when the store was opened (or last set), None if absent."""
+        return self.meta.get(key)
+
     def _require_writable(self) -> None:
         if not self.writable:
             raise RuntimeError("store opened read-only")
@@ -317,8 +362,59 @@ class Store:
         """Commit new image rows and vectors (and drop the rows they replace)."""
         now = utcnow()
         items = [Item(modality="image", path=r.path, sha256=r.sha256, bytes=r.bytes, mtime=r.mtime,
-                      width=r.width, height=r.height, taken_at=r.taken_at, added_at=now) for r in records]
+                      width=r.width, height=r.height, taken_at=r.taken_at, camera_make=r.camera_make,
+                      camera_model=r.camera_model, gps_lat=r.gps_lat, gps_lon=r.gps_lon, added_at=now)
+                 for r in records]
         return self.commit("image", items, vectors, remove=replace)
+
+    def remove_images(self, ids: Iterable[int]) -> int:
+        """Drop images (rows and vectors) in one commit; returns how many."""
+        ids = sorted({int(i) for i in ids})
+        if not ids:
+            return 0
+        self.commit("image", [], np.zeros((0, self._require_model().dim), np.float32), remove=ids)
+        return len(ids)
+
+    def move_images(self, moves: Sequence[tuple[int, str, int, float]]) -> None:
+        """Record new (path, bytes, mtime) for images whose content did not change: vectors stay."""
+        if not moves:
+            return
+        self._require_writable()
+        from sqlalchemy import update
+
+        with Session(self.engine) as s, s.begin():
+            for item_id, path, size, mtime in moves:
+                s.execute(update(Item).where(Item.id == item_id).values(path=path, bytes=size, mtime=mtime))
+            s.execute(delete(Skipped).where(Skipped.path.in_([m[1] for m in moves])))
+
+    def image_shas(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> content hash, for move detection."""
+        ids = [int(i) for i in ids]
+        out: dict[int, str] = {}
+        with Session(self.engine) as s:
+            for start in range(0, len(ids), 900):
+                rows = s.execute(select(Item.id, Item.sha256).where(Item.id.in_(ids[start:start + 900])))
+                out.update({i: h for i, h in rows})
+        return out
+
+    def ids_under(self, folder: str) -> list[int]:
+        """Images at or below a folder (or that exact file)."""
+        return self.image_ids(ImageFilter(under=folder)).tolist()
+
+    def all_image_shas(self) -> set[str]:
+        """Every content hash the image rows hold (what caches keyed by content must keep)."""
+        with Session(self.engine) as s:
+            return set(s.scalars(select(Item.sha256).where(Item.modality == "image")))
+
+    def shas_in_use(self, shas: Iterable[str]) -> set[str]:
+        """Which of these content hashes some image row still has (thumbnails of the rest can go)."""
+        shas = list(set(shas))
+        used: set[str] = set()
+        with Session(self.engine) as s:
+            for start in range(0, len(shas), 900):
+                used.update(s.scalars(select(Item.sha256).where(Item.modality == "image",
+                                                                Item.sha256.in_(shas[start:start + 900]))))
+        return used
 
     def image_files(self) -> dict[str, tuple[int, int | None, float | None]]:
         """path -> (id, bytes, mtime) for every indexed image, for the rescan diff."""
@@ -390,8 +486,13 @@ class Store:
 
         cond = [Item.modality == "image"]
         if flt.under:
-            folder = os.path.abspath(os.path.expanduser(flt.under)).rstrip(os.sep) + os.sep
-            cond.append(func.substr(Item.path, 1, len(folder)) == folder)
+            exact = os.path.abspath(os.path.expanduser(flt.under)).rstrip(os.sep) or os.sep
+            folder = exact.rstrip(os.sep) + os.sep
+            cond.append(or_(func.substr(Item.path, 1, len(folder)) == folder, Item.path == exact))
+        if flt.camera:
+            needle = f"%{flt.camera.lower()}%"
+            camera = func.lower(func.coalesce(Item.camera_make, "") + " " + func.coalesce(Item.camera_model, ""))
+            cond.append(camera.like(needle))
         for bound, op in ((flt.after, "ge"), (flt.before, "lt")):
             if not bound:
                 continue
@@ -403,6 +504,16 @@ class Store:
         with Session(self.engine) as s:
             ids = s.scalars(select(Item.id).where(and_(*cond))).all()
         return np.asarray(ids, dtype=np.int64)
+
+    def cameras(self, limit: int = 200) -> list[str]:
+        """Distinct "make model" strings of indexed images (for a camera picker), most common first."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(Item.camera_make, Item.camera_model, func.count())
+                             .where(Item.modality == "image",
+                                    (Item.camera_make.is_not(None)) | (Item.camera_model.is_not(None)))
+                             .group_by(Item.camera_make, Item.camera_model)
+                             .order_by(func.count().desc()).limit(limit))
+            return [" ".join(p for p in (make, model) if p) for make, model, _ in rows]
 
     def text_ids(self, corpus: str) -> np.ndarray:
         """Ids of one corpus's captions (to restrict a caption search)."""

@@ -171,7 +171,7 @@ def test_exif_metadata_and_camera_filter(tmp_path, encoder):
 def test_raw_uses_embedded_preview(monkeypatch):
     """rawpy path: a large embedded JPEG preview is used as is; a tiny one triggers a half-size develop."""
     preview = io.BytesIO()
-    _pattern(40, (320, 240)).save(preview, "JPEG")
+    _pattern(40, (400, 300)).save(preview, "JPEG")
     calls = {"postprocess": 0}
 
     class FakeRaw:
@@ -202,7 +202,7 @@ def test_raw_uses_embedded_preview(monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "rawpy", fake)
     d = decode_for_model(b"big", Preprocess(), raw=True)
-    assert (d.width, d.height) == (240, 320)  # flip 6: the preview is turned upright
+    assert (d.width, d.height) == (300, 400)  # flip 6: the preview is turned upright
     assert calls["postprocess"] == 0
     d = decode_for_model(b"small", Preprocess(), raw=True)
     assert calls["postprocess"] == 1 and (d.width, d.height) == (400, 300)

@@ -86,7 +86,7 @@ def test_kill_at_random_moments_then_finish(tmp_path, checkpoint, encoder):
     leftovers = list((home / "vectors").glob("*.tmp"))
     r = run_cli("index", str(lib), "--json", "--quiet", home=home)
     assert r.returncode == 0, r.stderr
-    assert _committed(home) == 48
+    assert _committed(home) == total
     assert not [t for t in leftovers if t.exists()], "orphan temp files are cleaned by the next commit"
 
     ref_home = tmp_path / "ref"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +12,7 @@ import numpy as np
 from retrieval import token_cache
 from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE
 from retrieval.encoder import Encoder
-from retrieval.imageio import usable_cores
+from retrieval.imageio import sha256_file, usable_cores
 from retrieval.store import ImageRecord, Store
 from retrieval.thumbnails import prune_thumbs
 
@@ -100,16 +99,16 @@ class _Committer:
         self.records, self.vectors, self.replace = [], [], []
 
 
-def _find_moves(store: Store, new: list[FileEntry], missing: dict[int, str]
+def _find_moves(new: list[FileEntry], missing: dict[int, str],
+                known: dict[str, tuple[int, int | None, float | None]], shas: dict[int, str]
                 ) -> list[tuple[FileEntry, int]]:
     """Pair new files with vanished ones of the same content: hash only new files whose size matches."""
     if not missing or not new:
         return []
-    shas = store.image_shas(missing)
-    with_size = {v[0]: v[1] for v in store.image_files().values() if v[0] in missing}
     by_key: dict[tuple[int | None, str], list[int]] = {}
-    for item_id, sha in shas.items():
-        by_key.setdefault((with_size.get(item_id), sha), []).append(item_id)
+    for item_id, old_path in missing.items():
+        if item_id in shas:
+            by_key.setdefault((known[old_path][1], shas[item_id]), []).append(item_id)
     sizes = {k[0] for k in by_key}
     moves = []
     for f in new:
@@ -125,14 +124,6 @@ def _find_moves(store: Store, new: list[FileEntry], missing: dict[int, str]
     return moves
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
                 workers: int | None = None, progress: ProgressFn | None = None,
                 commit_every: int = COMMIT_EVERY, thumbnails: bool = True) -> IndexReport:
@@ -141,8 +132,10 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
     """
     started = time.perf_counter()
     found = scan(roots)
-    todo = plan(found.files, store.image_files(), roots)
-    moves = _find_moves(store, todo.new, todo.missing)
+    known = store.image_files()
+    todo = plan(found.files, known, roots)
+    old_shas = store.image_shas([old for _, old in todo.changed] + list(todo.missing))
+    moves = _find_moves(todo.new, todo.missing, known, old_shas)
     if moves:
         store.move_images([(old_id, f.path, f.size, f.mtime) for f, old_id in moves])
         moved_paths = {f.path for f, _ in moves}
@@ -153,7 +146,6 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
     report = IndexReport(unchanged=todo.unchanged, skipped=list(found.skipped), total=len(work),
                          moved=len(moves), kept=todo.kept)
     replaces = {f.path: old for f, old in work}
-    old_shas = store.image_shas([old for _, old in todo.changed] + list(todo.missing))
     tokens = token_cache.writer_for(store.home, encoder, "image", commit_every)  # reranker's token cache
     committer = _Committer(store, commit_every, before_flush=tokens.flush if tokens else None)
     batch: list[Decoded] = []

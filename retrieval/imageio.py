@@ -341,6 +341,15 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
         raise InputNotFound(f"cannot read {p}: {e.strerror or e}") from e
 
 
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hash a file without holding it in memory (OSError passes through)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sha256_hex(data: bytes) -> str:
     """Content hash stored per item (moved-file detection and dedupe build on it)."""
     return hashlib.sha256(data).hexdigest()

@@ -7,7 +7,6 @@ line instead, naming the model, the cache and the local-checkpoint escape hatch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 from collections.abc import Iterator
@@ -115,13 +114,11 @@ def missing_weights_message(model: str, tag: str) -> str:
             f"or pass a local open_clip checkpoint with --pretrained /path/to/checkpoint.pt")
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hash a checkpoint so the index can tell two files of one name apart."""
-    h = hashlib.sha256()
+    from .imageio import sha256_file
+
     try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        return sha256_file(path)
     except OSError as e:
         raise ModelUnavailable(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    return h.hexdigest()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from .scan import FileEntry
 @dataclass(frozen=True)
 class Decoded:
     entry: FileEntry
-    pixels: np.ndarray
+    pixels: np.ndarray  # or a uint8 torch tensor on the GPU (GPU decode path)
     width: int
     height: int
     meta: PhotoMeta
@@ -51,6 +52,11 @@ def decode_entry(entry: FileEntry, pre: Preprocess, home: str | None = None) -> 
         return Failed(entry, f"cannot read: {e.strerror or e}")
     if not data:
         return Failed(entry, "empty file (0 bytes)")
+    return decode_data(entry, data, pre, home)
+
+
+def decode_data(entry: FileEntry, data: bytes, pre: Preprocess, home: str | None = None) -> Decoded | Failed:
+    """The decode half of `decode_entry`, for callers that already read the file (the GPU path)."""
     sha = sha256_hex(data)
     try:
         d = decode_for_model(data, pre, raw=is_raw_name(entry.path), thumbnail=home is not None)
@@ -68,8 +74,12 @@ def decode_entry(entry: FileEntry, pre: Preprocess, home: str | None = None) -> 
     return Decoded(entry, d.pixels, d.width, d.height, d.meta, sha)
 
 
-def _decode_chunk(entries: Sequence[FileEntry], pre: Preprocess, home: str | None) -> list[Decoded | Failed]:
-    return [decode_entry(e, pre, home) for e in entries]
+Task = Callable[[FileEntry, Preprocess, "str | None"], Any]
+
+
+def _decode_chunk(entries: Sequence[FileEntry], pre: Preprocess, home: str | None,
+                  task: Task = decode_entry) -> list:
+    return [task(e, pre, home) for e in entries]
 
 
 def _chunks(items: Sequence[FileEntry], size: int) -> Iterator[list[FileEntry]]:
@@ -78,8 +88,12 @@ def _chunks(items: Sequence[FileEntry], size: int) -> Iterator[list[FileEntry]]:
 
 
 def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, chunk: int = 4,
-                  lookahead: int = 4, home: str | None = None) -> Iterator[Decoded | Failed]:
+                  lookahead: int = 4, home: str | None = None, task: Task = decode_entry
+                  ) -> Iterator[Decoded | Failed]:
     """Yield decode results in input order; `workers=0` decodes in this process.
+
+    `task` (a module-level function, as workers import it) replaces `decode_entry` per file; the GPU path
+    runs its header probe this way and keeps the same crash handling.
 
     At most workers*lookahead chunks are in flight, so memory stays bounded however fast decoding is.
     A worker that dies (a decoder crash on a hostile file) costs only the files of its chunk, which are
@@ -87,7 +101,7 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
     """
     if workers <= 0:
         for e in entries:
-            yield decode_entry(e, pre, home)
+            yield task(e, pre, home)
         return
     ctx = mp.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
@@ -97,7 +111,7 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
     def submit_next() -> None:
         nxt = next(todo, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_decode_chunk, nxt, pre, home)))
+            pending.append((nxt, pool.submit(_decode_chunk, nxt, pre, home, task)))
 
     try:
         for _ in range(workers * lookahead):
@@ -109,27 +123,27 @@ def decode_stream(entries: Sequence[FileEntry], pre: Preprocess, workers: int, c
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-                results = list(_retry_alone(group, pre, ctx, home))
-                pool, pending = _resubmit(pool, pending, pre, home)
+                results = list(_retry_alone(group, pre, ctx, home, task))
+                pool, pending = _resubmit(pool, pending, pre, home, task)
             yield from results
             submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _retry_alone(group: Iterable[FileEntry], pre: Preprocess, ctx, home: str | None
-                 ) -> Iterator[Decoded | Failed]:
+def _retry_alone(group: Iterable[FileEntry], pre: Preprocess, ctx, home: str | None,
+                 task: Task = decode_entry) -> Iterator[Decoded | Failed]:
     for e in group:
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as solo:
             try:
-                yield solo.submit(decode_entry, e, pre, home).result()
+                yield solo.submit(task, e, pre, home).result()
             except BrokenProcessPool:
                 yield Failed(e, "the image decoder crashed on this file")
 
 
-def _resubmit(pool: ProcessPoolExecutor, pending: deque, pre: Preprocess, home: str | None
-              ) -> tuple[ProcessPoolExecutor, deque]:
+def _resubmit(pool: ProcessPoolExecutor, pending: deque, pre: Preprocess, home: str | None,
+              task: Task = decode_entry) -> tuple[ProcessPoolExecutor, deque]:
     fresh: deque = deque()
     for group, _ in pending:
-        fresh.append((group, pool.submit(_decode_chunk, group, pre, home)))
+        fresh.append((group, pool.submit(_decode_chunk, group, pre, home, task)))
     return pool, fresh

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval import token_cache
-from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE
+from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.encoder import Encoder
 from retrieval.imageio import sha256_file, usable_cores
 from retrieval.store import ImageRecord, Store
 from retrieval.thumbnails import prune_thumbs
 
 from .decode import Decoded, Failed, decode_stream
+from .gpu_stream import default_gpu_workers, gpu_decode_stream, stack_pixels, wants_gpu_decode
 from .scan import FileEntry, plan, scan
 
 ProgressFn = Callable[[int, int], None]
@@ -124,12 +125,21 @@ def _find_moves(new: list[FileEntry], missing: dict[int, str],
     return moves
 
 
-def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+def default_batch_size(device: str) -> int:
+    return DEFAULT_CUDA_BATCH_SIZE if device == "cuda" else DEFAULT_BATCH_SIZE
+
+
+def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size: int | None = None,
                 workers: int | None = None, progress: ProgressFn | None = None,
-                commit_every: int = COMMIT_EVERY, thumbnails: bool = True) -> IndexReport:
+                commit_every: int = COMMIT_EVERY, thumbnails: bool = True,
+                gpu_decode: bool | None = None) -> IndexReport:
     """Bring the index in line with `roots`: embed new and changed images, re-path moved ones (same content:
     the vector is kept), drop deleted ones. A re-run over an unchanged library only stats files.
+
+    `gpu_decode` None decodes JPEGs with nvJPEG when the model runs on CUDA; True forces that batched path on
+    the encoder's device whatever it is (on the CPU only to test it), False never uses it.
     """
+    batch_size = batch_size or default_batch_size(encoder.device)
     started = time.perf_counter()
     found = scan(roots)
     known = store.image_files()
@@ -154,7 +164,7 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
     def encode_batch() -> None:
         if not batch:
             return
-        pixels = np.stack([d.pixels for d in batch])
+        pixels = stack_pixels([d.pixels for d in batch])
         if tokens is not None:  # one vision pass gives the vectors and the reranker's tokens
             vectors, toks = encoder.encode_pixels_with_tokens(pixels)
             tokens.add([d.sha256 for d in batch], toks)
@@ -167,13 +177,19 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
         committer.add(records, vectors, [replaces[d.entry.path] for d in batch])
         batch.clear()
 
-    nworkers = default_workers() if workers is None else workers
-    _share_cores(encoder, nworkers)
     home = str(store.home) if thumbnails else None
-    lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # keep a batch decoded ahead of the model
+    if wants_gpu_decode(encoder.device, gpu_decode):
+        nworkers = default_gpu_workers() if workers is None else workers
+        stream = gpu_decode_stream([f for f, _ in work], encoder.preprocess, encoder.device, nworkers,
+                                   home=home, batch=batch_size)
+    else:
+        nworkers = default_workers() if workers is None else workers
+        _share_cores(encoder, nworkers)
+        lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # keep a batch decoded ahead of the model
+        stream = decode_stream([f for f, _ in work], encoder.preprocess, nworkers, home=home,
+                               lookahead=lookahead)
     try:
-        for res in decode_stream([f for f, _ in work], encoder.preprocess, nworkers, home=home,
-                                 lookahead=lookahead):
+        for res in stream:
             if isinstance(res, Failed):
                 report.skipped.append((res.entry.path, res.reason))
                 done += 1
@@ -188,6 +204,9 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
         encode_batch()
         done = len(work)
     finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stops decode workers (and the GPU decoder thread) before committing
         # Whatever was embedded is committed, also on Ctrl-C: the next run resumes after it.
         committer.flush()
         store.record_skipped(report.skipped)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import UserError
-from .onnx_encoder import OnnxEncoder, onnxruntime_problem, unsupported_marker
+from .onnx_encoder import OnnxEncoder, older_exports, onnxruntime_problem, unsupported_marker
 
 BACKENDS = ("auto", "onnx", "torch")
 BACKEND_ENV = "CROSSMODAL_BACKEND"
@@ -57,8 +57,12 @@ def query_encoder(store: Any, model: str | None, pretrained: str | None, device:
     encoder = load_encoder(spec, checkpoint_sha=sha)
     check_encoder(store, encoder)
     if use_onnx and reason is None:
-        say("no ONNX export of this index's model yet: this query runs on torch while it is exported "
-            "(once) for fast queries")
+        if older_exports(store.home, fp):
+            say("the ONNX export of this index's model is from an older crossmodal (no token outputs for "
+                "reranking): this query runs on torch while it is re-exported (once)")
+        else:
+            say("no ONNX export of this index's model yet: this query runs on torch while it is exported "
+                "(once) for fast queries")
         from .onnx_export import ensure_export
 
         folder = ensure_export(encoder, store.home, say)

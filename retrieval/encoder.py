@@ -174,11 +174,16 @@ class Encoder:
         n = np.linalg.norm(v, axis=1, keepdims=True)
         return v / np.maximum(n, 1e-12)
 
-    def pixels_to_tensor(self, pixels: np.ndarray) -> Any:
-        """uint8 (B,H,W,3) -> normalised float (B,3,H,W) on the model's device, like ToTensor+Normalize."""
+    def pixels_to_tensor(self, pixels: np.ndarray | Any) -> Any:
+        """uint8 (B,H,W,3) -> normalised float (B,3,H,W) on the model's device, like ToTensor+Normalize.
+
+        `pixels` may already be a uint8 tensor (GPU-decoded images stay on the device)."""
         import torch
 
-        t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        if isinstance(pixels, torch.Tensor):
+            t = pixels.to(self.device)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         t = t.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.preprocess.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1)

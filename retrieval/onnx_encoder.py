@@ -3,14 +3,20 @@
 An index home keeps an ONNX export of its model's two towers (written by `onnx_export`, which needs torch)
 under HOME/onnx/<key>/, <key> derived from the model fingerprint, so a new model never reads a stale export:
 
-  text.onnx   token ids (batch, n) -> text embedding; n is dynamic, so a query runs only up to its length
-  image.onnx  normalised pixels (batch, 3, size, size) -> image embedding
+  text.onnx   token ids (batch, n) -> text embedding, and per-token features (batch, n, d) for the
+              reranker; n is dynamic, so a query runs only up to its length
+  image.onnx  normalised pixels (batch, 3, size, size) -> image embedding, and per-token features
+              (batch, 1+patches, d) for the reranker
   *.onnx.data their fp32 weights, memory-mapped at load (graphs are stored already optimised)
   bpe_simple_vocab_16e6.txt.gz, zero_shot.json (ImageNet class names and prompt templates)
   export.json fingerprint, preprocessing, tokenizer settings, file sizes, the export's own check
 
-`OnnxEncoder` has the interface `Searcher` uses (encode_texts, encode_image_bytes, dim, fingerprint,
-preprocess, device, precision), with float32 unit-vector outputs like `Encoder`.
+`OnnxEncoder` has the interface `Searcher` and `Reranker` use (encode_texts, encode_image_bytes, the
+token-feature methods, dim, fingerprint, preprocess, device, precision), with float32 outputs like
+`Encoder`. Token features are those of retrieval/tokens.py (same shapes, masks and dtype); models whose
+towers give none (see tokens.check_model) are exported without them and say why in `check_tokens`.
+Exports of an older EXPORT_VERSION (version 1 had no token outputs) live under another key, so they are
+never read; the next export replaces them.
 """
 
 from __future__ import annotations
@@ -26,16 +32,17 @@ import numpy as np
 
 from .imageio import Preprocess, decode_for_model
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: token-feature outputs for the reranker
 EXPORT_META = "export.json"
 TEXT_FILE = "text.onnx"
 IMAGE_FILE = "image.onnx"
 ZERO_SHOT_FILE = "zero_shot.json"
+TOKENS_OUT = "token_features"  # the graphs' second output (the text graph's input is already "tokens")
 
 
-def export_key(fp: Any) -> str:
+def export_key(fp: Any, version: int = EXPORT_VERSION) -> str:
     """Folder name for one model's export (the same fingerprint fields the store compares)."""
-    return hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|onnx-v{EXPORT_VERSION}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|onnx-v{version}".encode()).hexdigest()[:16]
 
 
 def export_root(home: str | Path) -> Path:
@@ -44,6 +51,12 @@ def export_root(home: str | Path) -> Path:
 
 def export_dir(home: str | Path, fp: Any) -> Path:
     return export_root(home) / export_key(fp)
+
+
+def older_exports(home: str | Path, fp: Any) -> list[Path]:
+    """Exports of this model made by an older EXPORT_VERSION (they lack outputs this version reads)."""
+    root = export_root(home)
+    return [p for v in range(1, EXPORT_VERSION) if (p := root / export_key(fp, v)).is_dir()]
 
 
 def unsupported_marker(home: str | Path, fp: Any) -> Path:
@@ -63,7 +76,7 @@ def read_export_meta(folder: Path, fp: Any) -> dict[str, Any] | None:
         return None
     try:
         files = (TEXT_FILE, IMAGE_FILE, ZERO_SHOT_FILE, meta["tokenizer"]["bpe"], *meta["bytes"])
-        meta["preprocess"]["size"]
+        meta["preprocess"]["size"], meta["tokens"]["supported"]
     except (KeyError, TypeError):
         return None
     if not all((folder / name).is_file() for name in files) or not _same_runtime(meta):
@@ -178,8 +191,62 @@ class OnnxEncoder:
         for i in range(0, len(order), batch_size):
             sel = order[i:i + batch_size]
             n = int(lengths[sel].max())
-            out[sel] = self._normalise(session.run(None, {"tokens": tokens[sel, :n]})[0])
+            out[sel] = self._normalise(session.run(["embedding"], {"tokens": tokens[sel, :n]})[0])
         return out
+
+    # ---- token features for the co-attention reranker: the twins of Encoder's (retrieval/tokens.py) ----
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.meta.get("tokens", {}).get("supported"))
+
+    def check_tokens(self) -> None:
+        """Raise TokensUnsupported (the reason recorded at export) unless the graphs give token features."""
+        if not self.has_tokens:
+            from .tokens import SUPPORTED, TokensUnsupported
+
+            raise TokensUnsupported(self.meta.get("tokens", {}).get("reason")
+                                    or f"the export has no token outputs; supported: {SUPPORTED}")
+
+    def _text_pass(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit pooled (B,d), token features (B,n,d), mask (B,n)) of token ids, run up to the longest."""
+        self.check_tokens()
+        eot = tokens.argmax(axis=1)
+        n = int(eot.max()) + 1
+        pooled, feats = self._session(TEXT_FILE).run(["embedding", TOKENS_OUT], {"tokens": tokens[:, :n]})
+        pos = np.arange(n)[None, :]
+        mask = (pos >= 1) & (pos <= eot[:, None])
+        return self._normalise(pooled), np.asarray(feats, dtype=np.float32), mask
+
+    def encode_text_tokens(self, texts: Sequence[str]) -> Any:
+        """Per-token text features of one batch of texts (retrieval.tokens.TextTokens, padded to the longest)."""
+        from .tokens import TextTokens
+
+        pooled, feats, mask = self._text_pass(self.tokenizer(list(texts)))
+        return TextTokens(tokens=feats, mask=mask, pooled=pooled)
+
+    def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
+                                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        toks: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
+        if not len(texts):
+            return out, toks
+        tokens = self.tokenizer(list(texts))
+        order = np.argsort(tokens.argmax(axis=1) + 1, kind="stable")
+        for i in range(0, len(order), batch_size):
+            sel = order[i:i + batch_size]
+            pooled, feats, mask = self._text_pass(tokens[sel])
+            out[sel] = pooled
+            for j, row in enumerate(sel):
+                toks[row] = feats[j][mask[j]]
+        return out, toks
+
+    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ONE vision pass: (unit pooled vectors (B,d) equal to encode_pixels, token features (B,1+P,d))."""
+        self.check_tokens()
+        pooled, feats = self._session(IMAGE_FILE).run(["embedding", TOKENS_OUT],
+                                                      {"pixels": self.pixels_to_array(pixels)})
+        return self._normalise(pooled), np.asarray(feats, dtype=np.float32)
 
     def pixels_to_array(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B,H,W,3) -> normalised float32 (B,3,H,W), the numpy twin of Encoder.pixels_to_tensor."""
@@ -192,7 +259,8 @@ class OnnxEncoder:
         """Embed a batch of prepared uint8 images (see imageio.prepare)."""
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._normalise(self._session(IMAGE_FILE).run(None, {"pixels": self.pixels_to_array(pixels)})[0])
+        return self._normalise(self._session(IMAGE_FILE).run(["embedding"],
+                                                             {"pixels": self.pixels_to_array(pixels)})[0])
 
     def encode_image_bytes(self, data: bytes, raw: bool = False) -> np.ndarray:
         """Embed one query image given as file bytes; decode errors surface as DecodeError."""

@@ -9,7 +9,10 @@ a causal, argmax-pooled tower whose end-of-text output never sees the padding, s
 the longest text. Models whose text tower is not of that kind (HF text towers, other pooling) or whose
 tokenizer is not CLIP's BPE are marked unsupported and stay on torch.
 
-Follow-up, not built here: a third graph with per-token outputs for the reranker (retrieval/rerank*).
+Both graphs also output the per-token features the co-attention reranker reads (retrieval/tokens.py:
+`ln_post(x) @ proj` of every vision token, `ln_final(x) @ text_projection` of every text position), from the
+same pass as the embedding, so a reranked query needs no torch either. Models without token features
+(tokens.check_model) are exported without them and the reason is recorded.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from .onnx_encoder import (
     EXPORT_VERSION,
     IMAGE_FILE,
     TEXT_FILE,
+    TOKENS_OUT,
     ZERO_SHOT_FILE,
     OnnxEncoder,
     export_dir,
     export_root,
+    older_exports,
     onnxruntime_problem,
     read_export_meta,
     unsupported_marker,
@@ -119,11 +124,13 @@ def _make_modules() -> tuple[type, type, type]:
             return (out if self.batch_first else out.transpose(0, 1)), None
 
     class TextTower(torch.nn.Module):
-        """encode_text_trimmed over whatever length the caller feeds (the dynamic axis)."""
+        """encode_text_trimmed over whatever length the caller feeds (the dynamic axis); with `tokens`, also
+        every position's features as tokens.text_forward computes them (the mask is the caller's)."""
 
-        def __init__(self, model: Any) -> None:
+        def __init__(self, model: Any, tokens: bool = False) -> None:
             super().__init__()
             self.model = model
+            self.tokens = tokens
 
         def forward(self, tokens: Any) -> Any:
             m = self.model
@@ -132,19 +139,28 @@ def _make_modules() -> tuple[type, type, type]:
             x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
             x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
             x = m.ln_final(x)
-            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+            pooled = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
             proj = m.text_projection
             if proj is not None:
-                x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
-            return x
+                pooled = proj(pooled) if isinstance(proj, torch.nn.Module) else pooled @ proj
+            if not self.tokens:
+                return pooled
+            return pooled, (proj(x) if isinstance(proj, torch.nn.Module) else x @ proj)
 
     class ImageTower(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
+        """encode_image; with `tokens`, tokens.image_forward (the same pooled vector, plus every token)."""
+
+        def __init__(self, model: Any, tokens: bool = False) -> None:
             super().__init__()
             self.model = model
+            self.tokens = tokens
 
         def forward(self, pixels: Any) -> Any:
-            return self.model.encode_image(pixels)
+            if not self.tokens:
+                return self.model.encode_image(pixels)
+            from .tokens import image_forward
+
+            return image_forward(self.model, pixels)
 
     return TraceableAttention, TextTower, ImageTower
 
@@ -224,11 +240,23 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def _token_support(model: Any) -> str | None:
+    """None when both towers give token features (tokens.check_model), else the reason they do not."""
+    from .tokens import TokensUnsupported, check_model
+
+    try:
+        check_model(model)
+    except TokensUnsupported as e:
+        return str(e)
+    return None
+
+
 def export_onnx(encoder: Any, home: str | Path) -> Path:
     """Write and check the export of `encoder`'s model under `home`; returns its folder.
 
     Raises ExportUnsupported for models this exporter does not handle, anything else on failure; in every
-    failure case nothing is left behind but the previous state.
+    failure case nothing is left behind but the previous state. A complete export replaces (removes) the
+    model's exports of older EXPORT_VERSIONs.
     """
     import open_clip
     import torch
@@ -237,6 +265,9 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
     clean = _clean_mode(encoder.tokenizer)
     model = encoder.model
     _check_model(model)
+    no_tokens = _token_support(model)
+    with_tokens = no_tokens is None
+    names = ["embedding", TOKENS_OUT] if with_tokens else ["embedding"]
     zero_shot = _zero_shot_json()
     final = export_dir(home, fp)
     root = export_root(home)
@@ -254,13 +285,15 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
         tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
         with warnings.catch_warnings(), torch.no_grad(), _traceable_attention(model, attention):
             warnings.simplefilter("ignore")
-            torch.onnx.export(text_tower(model).eval(), (tokens,), str(tmp / "text.raw.onnx"), dynamo=False,
-                              input_names=["tokens"], output_names=["embedding"], opset_version=OPSET,
-                              dynamic_axes={"tokens": {0: "batch", 1: "length"}, "embedding": {0: "batch"}})
-            torch.onnx.export(image_tower(model).eval(), (torch.zeros(2, 3, size, size),),
+            torch.onnx.export(text_tower(model, with_tokens).eval(), (tokens,), str(tmp / "text.raw.onnx"),
+                              dynamo=False, input_names=["tokens"], output_names=names, opset_version=OPSET,
+                              dynamic_axes={"tokens": {0: "batch", 1: "length"}, "embedding": {0: "batch"},
+                                            **({TOKENS_OUT: {0: "batch", 1: "length"}} if with_tokens else {})})
+            torch.onnx.export(image_tower(model, with_tokens).eval(), (torch.zeros(2, 3, size, size),),
                               str(tmp / "image.raw.onnx"), dynamo=False, input_names=["pixels"],
-                              output_names=["embedding"], opset_version=OPSET,
-                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+                              output_names=names, opset_version=OPSET,
+                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"},
+                                            **({TOKENS_OUT: {0: "batch"}} if with_tokens else {})})
         _optimise(tmp / "text.raw.onnx", tmp / TEXT_FILE)
         _optimise(tmp / "image.raw.onnx", tmp / IMAGE_FILE)
         shutil.copyfile(open_clip.tokenizer.default_bpe(), tmp / BPE_FILE)
@@ -274,6 +307,8 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
                            "fill_color": pre.fill_color},
             "tokenizer": {"bpe": BPE_FILE, "context_length": ctx, "clean": clean,
                           "additional_special_tokens": _extra_special_tokens(encoder.tokenizer)},
+            "tokens": {"supported": with_tokens, "output": TOKENS_OUT if with_tokens else None,
+                       "reason": no_tokens},
             "opset": OPSET,
             "onnxruntime": _ort_version(),
             "torch": torch.__version__,
@@ -289,6 +324,8 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for old in older_exports(home, fp):  # superseded (queries that have them open keep their mmaps)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -314,7 +351,35 @@ def _verify(encoder: Any, model: Any, folder: Path, fp: Any) -> dict[str, float]
     if text_cos < MIN_COSINE or image_cos < MIN_COSINE:
         raise RuntimeError(f"ONNX and torch embeddings disagree (min cosine text {text_cos:.6f}, "
                            f"image {image_cos:.6f})")
-    return {"min_cosine_text": text_cos, "min_cosine_image": image_cos}
+    check = {"min_cosine_text": text_cos, "min_cosine_image": image_cos}
+    if onnx_enc.has_tokens:
+        check.update(_verify_tokens(model, onnx_enc, ref_tokens, pixels))
+    return check
+
+
+def _verify_tokens(model: Any, onnx_enc: OnnxEncoder, ref_tokens: Any, pixels: np.ndarray) -> dict[str, float]:
+    """Token features (and the text mask) as tokens.text_forward / image_forward give them, per token."""
+    import torch
+
+    from .tokens import image_forward, text_forward
+
+    with torch.no_grad():
+        _, ref_feats, ref_mask = text_forward(model, ref_tokens)
+        _, ref_image = image_forward(model, torch.from_numpy(onnx_enc.pixels_to_array(pixels)))
+    got = onnx_enc._text_pass(ref_tokens.numpy())
+    if got[2].shape != tuple(ref_mask.shape) or not np.array_equal(got[2], ref_mask.numpy()):
+        raise RuntimeError("ONNX and torch text token masks disagree")
+    mask = got[2]
+    text_cos = float(_cosines(got[1][mask], ref_feats.float().numpy()[mask]).min())
+    _, img = onnx_enc.encode_pixels_with_tokens(pixels)
+    ref = ref_image.float().numpy()
+    if img.shape != ref.shape:
+        raise RuntimeError(f"ONNX image tokens have shape {img.shape}, torch {ref.shape}")
+    image_cos = float(_cosines(img.reshape(-1, img.shape[-1]), ref.reshape(-1, ref.shape[-1])).min())
+    if text_cos < MIN_COSINE or image_cos < MIN_COSINE:
+        raise RuntimeError(f"ONNX and torch token features disagree (min cosine text {text_cos:.6f}, "
+                           f"image {image_cos:.6f})")
+    return {"min_cosine_text_tokens": text_cos, "min_cosine_image_tokens": image_cos}
 
 
 def _install(tmp: Path, final: Path, fp: Any) -> None:

@@ -11,6 +11,10 @@ cosine: s = s_dense + lambda * s_coatt. The candidate set never changes, only it
 By default the scorer has no parameters (identity W^Q, W^K, W^V, W_O; the heads split the dimension;
 lambda = 1). `indexer/train_reranker.py` learns W's and lambda with the encoder frozen and saves them as a
 small safetensors file, which an index records (`crossmodal set-reranker FILE`).
+
+Queries score with the numpy twin (retrieval/coattention.py) and take token features from whichever encoder
+answers the query (ONNX Runtime or torch), so a reranked query on an ONNX export imports no torch; the torch
+module here is for training and `eval`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .coattention import DEFAULT_HEADS, DEFAULT_LAMBDA, PARAMS, NumpyCoAttention
 from .errors import ModelMismatch, UserError
 from .search import Hit, Searcher
 from .store import ImageFilter, Store
@@ -31,11 +36,8 @@ from .tokens import check_model
 from .weights import file_sha256
 
 DEFAULT_RERANK_K = 32
-DEFAULT_HEADS = 8
-DEFAULT_LAMBDA = 1.0
 FORMAT = "crossmodal-coattention-v1"
 META_KEY = "reranker"
-PARAMS = ("w_q_text", "w_k_text", "w_v_text", "w_o_text", "w_q_image", "w_k_image", "w_v_image", "w_o_image")
 
 
 def _torch():
@@ -159,10 +161,8 @@ def read_params_meta(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_params(path: str | Path, dim: int | None = None, weights: str | None = None) -> Any:
-    """A scorer with the file's parameters; refuses a file made for another model (dim or weights)."""
-    from safetensors.torch import load_file
-
+def _checked_meta(path: str | Path, dim: int | None, weights: str | None) -> tuple[int, int]:
+    """(dim, heads) of a reranker file; refuses a file made for another model (dim or weights)."""
     meta = read_params_meta(path)
     fdim, heads = int(meta["dim"]), int(meta["heads"])
     if dim is not None and fdim != dim:
@@ -170,6 +170,23 @@ def load_params(path: str | Path, dim: int | None = None, weights: str | None = 
     if weights and meta.get("weights") and meta["weights"] != weights:
         raise ModelMismatch(f"reranker {path} was trained on {meta.get('model')} / {meta['weights']}, "
                             f"not on this index's model ({weights})")
+    return fdim, heads
+
+
+def load_scorer(path: str | Path, dim: int | None = None, weights: str | None = None) -> NumpyCoAttention:
+    """The query-time (numpy) scorer with the file's parameters; same refusals as load_params."""
+    from safetensors.numpy import load_file
+
+    fdim, heads = _checked_meta(path, dim, weights)
+    tensors = load_file(str(path))
+    return NumpyCoAttention(fdim, heads, float(tensors["lam"].reshape(-1)[0]), {n: tensors[n] for n in PARAMS})
+
+
+def load_params(path: str | Path, dim: int | None = None, weights: str | None = None) -> Any:
+    """A (torch) scorer with the file's parameters; refuses a file made for another model (dim or weights)."""
+    from safetensors.torch import load_file
+
+    fdim, heads = _checked_meta(path, dim, weights)
     tensors = load_file(str(path))
     scorer = CoAttentionScorer(fdim, heads)
     torch = _torch()
@@ -240,7 +257,7 @@ class Reranker:
     def __init__(self, searcher: Searcher, scorer: Any, images: Any | None = None, texts: Any | None = None,
                  token_encoder: Any = None) -> None:
         self.searcher = searcher
-        self.encoder = token_encoder or searcher.encoder  # a torch Encoder: it has the token features
+        self.encoder = token_encoder or searcher.encoder  # an Encoder or OnnxEncoder: it has token features
         self.scorer = scorer
         self.images = images
         self.texts = texts
@@ -254,9 +271,13 @@ class Reranker:
 
         store = searcher.store
         encoder = searcher.encoder
-        if not hasattr(encoder, "encode_text_tokens"):  # e.g. the ONNX query encoder: tokens come from torch
+        if hasattr(encoder, "check_tokens"):  # the ONNX encoder: its export has token outputs, or says why not
+            encoder.check_tokens()
+        elif hasattr(encoder, "encode_text_tokens"):
+            check_model(getattr(encoder, "model", None))
+        else:  # an encoder without token features: they come from the model on torch
             encoder = _torch_encoder(store)
-        check_model(getattr(encoder, "model", None))
+            check_model(encoder.model)
         fp = searcher.encoder.fingerprint
         rec = recorded_reranker(store)
         if rec:
@@ -267,9 +288,9 @@ class Reranker:
             if file_sha256(path) != rec["sha256"]:
                 raise UserError(f"the reranker file {path} changed since it was recorded; "
                                 f"record it again with `crossmodal set-reranker {path}`")
-            scorer = load_params(path, dim=fp.dim, weights=fp.weights)
+            scorer = load_scorer(path, dim=fp.dim, weights=fp.weights)
         else:
-            scorer = CoAttentionScorer(fp.dim).eval()
+            scorer = NumpyCoAttention(fp.dim)
         return cls(searcher, scorer, TokenCache.open(store.home, fp, "image"),
                    TokenCache.open(store.home, fp, "text"), encoder)
 
@@ -349,6 +370,9 @@ class Reranker:
     # scoring --------------------------------------------------------------------------------------
     def _score(self, dense: np.ndarray, text: np.ndarray, text_mask: np.ndarray, image: np.ndarray,
                image_mask: np.ndarray) -> np.ndarray:
+        """Fused scores (B,); the numpy scorer (queries) needs no torch, a torch module (tests, eval) does."""
+        if getattr(self.scorer, "is_numpy", False):
+            return self.scorer(dense, text, text_mask, image, image_mask)
         torch = _torch()
         with torch.inference_mode():
             s = self.scorer(torch.from_numpy(dense), torch.from_numpy(text), torch.from_numpy(text_mask),

@@ -19,8 +19,7 @@ from retrieval.session import open_searcher  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 from tests.onnx_fixtures import *  # noqa: E402, F403
 
-# The reranker (on by default for text queries and captions) computes token features on torch; the dense
-# query path is the one that must stay torch-free.
+# These compare dense results with torch's; reranked queries on ONNX are tested in test_onnx_rerank.py.
 DENSE = ["--no-rerank"] if importlib.util.find_spec("indexer.cli_rerank") else []
 QUERIES = ["a dog running on a beach", "red circles", "caption number 3 about colours", "日本の夜 🌃", ""]
 

@@ -71,7 +71,7 @@ def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_p
 
     with Store.open(home) as store:  # queries now use the learned parameters
         rr = Reranker.open(Searcher(store, encoder))
-        assert not rr.scorer.identity and torch.equal(rr.scorer.w_q_text, scorer.w_q_text.detach())
+        assert not rr.scorer.identity and np.array_equal(rr.scorer.w["w_q_text"], scorer.w_q_text.detach().numpy())
 
     wrong = tmp_path / "wrong.safetensors"
     save_params(CoAttentionScorer(64, heads=4), wrong)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from ..encoder import Fingerprint
 from ..errors import IndexMismatch, IndexMissing, ModelMismatch, SchemaTooNew, UserError
+from . import ann
 from . import vectors as vec
 from .catalog import SCHEMA_VERSION, Base, Item, Meta, Skipped, make_engine, utcnow
 from .lock import WriterLock
@@ -83,6 +84,15 @@ def _iso_to_ts(text: str) -> float:
 
 
 @dataclass(frozen=True)
+class QueryOptions:
+    """Per-query ANN settings: exact search, or a knob overriding the tuned one."""
+
+    exact: bool = False
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+
+@dataclass(frozen=True)
 class ItemView:
     """A catalog row as plain values, safe to hand to the CLI and the page."""
 
@@ -136,10 +146,18 @@ def _migrate(session: Session, found: int) -> None:
 class Store:
     """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`."""
 
-    def __init__(self, home: Path, writable: bool, lock: WriterLock | None) -> None:
+    def __init__(self, home: Path, writable: bool, lock: WriterLock | None, mmap: bool | None = None
+                 ) -> None:
         self.home = home
         self.writable = writable
         self._lock = lock
+        self.mmap = False if writable else mmap  # None: map files larger than a quarter of free memory
+        self.mapped: dict[str, bool] = {}
+        self.ann: dict[str, object | None] = {}
+        self.ann_state: dict[str, ann.AnnState] = {}
+        self.ann_dead: dict[str, np.ndarray] = {}
+        self.ann_problem: dict[str, str] = {}
+        self.query_options = QueryOptions()
         self.engine = make_engine(f"sqlite:///{home / CATALOG}")
         self.fingerprint: Fingerprint | None = None
         self.indexes: dict[str, object] = {}
@@ -149,8 +167,13 @@ class Store:
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, home: str | Path, *, create: bool = False, writable: bool = False,
-             check: bool = True) -> Store:
-        """Open (or with `create`, make) an index; writers take the home's lock; `check` verifies agreement."""
+             check: bool = True, mmap: bool | None = None) -> Store:
+        """Open (or with `create`, make) an index; writers take the home's lock; `check` verifies agreement.
+
+        Readers memory-map vector files with `mmap=True`, or by default when a file is larger than a
+        quarter of free memory or an ANN index serves the queries (the exact vectors are then only
+        read for re-scoring). Writers never map.
+        """
         home = Path(home).expanduser().absolute()
         if not (home / CATALOG).is_file():
             if not create:
@@ -160,7 +183,7 @@ class Store:
             (home / "vectors").mkdir(parents=True, exist_ok=True)
         lock = WriterLock(home) if writable else None
         try:
-            store = cls(home, writable, lock)
+            store = cls(home, writable, lock, mmap)
             store._prepare_schema()
             store._load(check=check)
         except BaseException:
@@ -202,6 +225,45 @@ class Store:
     def _vector_path(self, modality: str, gen: int) -> Path:
         return self.home / "vectors" / f"{modality}-{gen}.faiss"
 
+    def _ann_path(self, modality: str, gen: int) -> Path:
+        return self.home / "vectors" / f"{modality}-ann-{gen}.faiss"
+
+    def _should_map(self, path: Path, ann_serves: bool) -> bool:
+        if self.writable:
+            return False
+        if self.mmap is not None:
+            return self.mmap
+        return ann_serves or path.stat().st_size > vec.memory_available() // 4
+
+    def _load_ann(self, modality: str, last_attempt: bool) -> None:
+        """Open the modality's ANN index named by the catalog; an unusable one means exact search."""
+        state = ann.AnnState.from_json(self.meta.get(f"ann.{modality}"))
+        self.ann_state[modality] = state
+        self.ann[modality] = None
+        self.ann_dead[modality] = np.zeros(0, np.int64)
+        self.ann_problem.pop(modality, None)
+        flat = self.indexes.get(modality)
+        if not state.active or flat is None:
+            return
+        path = self._ann_path(modality, state.gen)
+        if not path.is_file():
+            if not last_attempt:
+                raise FileNotFoundError(path)  # a writer may have rotated files: read the catalog again
+            self.ann_problem[modality] = f"ANN file {path.name} is missing"
+            return
+        try:
+            index = vec.read_index(path, mmap=self._should_map(path, True), ivf=ann.family(state.factory) == "ivf")
+        except IndexMismatch:
+            self.ann_problem[modality] = f"ANN file {path.name} is unreadable"
+            return
+        held, live = ann.ids_of(index), vec.ids_of(flat)
+        missing = len(np.setdiff1d(live, held, assume_unique=True))
+        if missing:
+            self.ann_problem[modality] = f"ANN index lacks {missing} vectors"
+            return
+        self.ann[modality] = index
+        self.ann_dead[modality] = np.setdiff1d(held, live, assume_unique=True)
+
     def _load(self, check: bool, attempts: int = 3) -> None:
         """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile."""
         for attempt in range(attempts):
@@ -219,7 +281,9 @@ class Store:
                             path = self._vector_path(m, gen)
                             if path.is_file():
                                 try:
-                                    self.indexes[m] = vec.read_index(path)
+                                    ann_serves = ann.AnnState.from_json(self.meta.get(f"ann.{m}")).active
+                                    self.mapped[m] = self._should_map(path, ann_serves)
+                                    self.indexes[m] = vec.read_index(path, mmap=self.mapped[m])
                                 except IndexMismatch:
                                     if check:
                                         raise
@@ -228,6 +292,7 @@ class Store:
                                 raise FileNotFoundError(path)
                             else:  # repair mode: a lost file counts as no vectors
                                 self.indexes[m] = vec.new_index(self.fingerprint.dim)
+                        self._load_ann(m, last_attempt=attempt == attempts - 1)
                     if check:
                         self._check_agreement(s)
                 return
@@ -335,6 +400,7 @@ class Store:
                 if len(ids):
                     index.add_with_ids(vectors, ids)
                 vec.write_atomic(index, self._vector_path(modality, new_gen))
+                self._ann_follow(s, modality, ids, vectors)
                 s.merge(Meta(key=f"gen.{modality}", value=str(new_gen)))
                 s.merge(Meta(key=f"maxgen.{modality}", value=str(new_gen)))
                 paths = [it.path for it in items if it.path]
@@ -347,7 +413,129 @@ class Store:
         self.generations[modality] = new_gen
         self.meta[f"gen.{modality}"] = self.meta[f"maxgen.{modality}"] = str(new_gen)
         self._cleanup(modality, keep={new_gen, old_gen})
+        self._cleanup_ann(modality)
         return ids.tolist()
+
+    # ---- ANN indexes (derived from the exact vectors, see ann.py) --------------------------------
+    def _ann_follow(self, s: Session, modality: str, ids: np.ndarray, vectors: np.ndarray,
+                    force: bool = False, log=None) -> None:
+        """Keep the ANN index in step with a commit: add the new vectors, or rebuild when due.
+
+        Runs inside the commit's transaction; the new ANN file is written before SQLite commits.
+        """
+        state = self.ann_state.get(modality) or ann.AnnState()
+        flat = self.indexes[modality]
+        n = int(flat.ntotal)
+        target = ann.resolve(state.requested, n, self._require_model().dim, state.budget)
+        current = self.ann.get(modality)
+        dead = 0
+        if current is not None and state.active:
+            dead = int(current.ntotal) + len(ids) - n  # every entry beyond the live count is a tombstone
+        healthy = modality not in self.ann_problem and (current is not None or not state.active)
+        if force or ann.needs_rebuild(state, target, n, dead, healthy):
+            new_index, state = self._ann_build(modality, target, state, log)
+        elif state.active and len(ids):
+            current.add_with_ids(vectors, ids)  # type: ignore[union-attr]
+            new_index = current
+        elif state.active:
+            # Only deletions: the ANN file stays as it is; tombstones follow from the exact store.
+            self.ann_dead[modality] = np.setdiff1d(ann.ids_of(current), vec.ids_of(flat), assume_unique=True)
+            return
+        else:
+            if f"ann.{modality}" not in self.meta or self.meta[f"ann.{modality}"] != state.to_json():
+                s.merge(Meta(key=f"ann.{modality}", value=state.to_json()))
+                self.meta[f"ann.{modality}"] = state.to_json()
+            return
+        if new_index is not None:
+            gen = max(state.gen, int(self.meta.get(f"annmax.{modality}", "0"))) + 1
+            vec.write_atomic(new_index, self._ann_path(modality, gen))
+            state = replace(state, gen=gen)
+            s.merge(Meta(key=f"annmax.{modality}", value=str(gen)))
+            self.meta[f"annmax.{modality}"] = str(gen)
+        s.merge(Meta(key=f"ann.{modality}", value=state.to_json()))
+        self.meta[f"ann.{modality}"] = state.to_json()
+        self.ann[modality] = new_index
+        self.ann_state[modality] = state
+        self.ann_problem.pop(modality, None)
+        self.ann_dead[modality] = (np.zeros(0, np.int64) if new_index is None else
+                                   np.setdiff1d(ann.ids_of(new_index), vec.ids_of(flat), assume_unique=True))
+
+    def _ann_build(self, modality: str, target: str, state: ann.AnnState, log=None):
+        """Build `target` from the stored vectors and tune its knob; Flat means no ANN index."""
+        flat = self.indexes[modality]
+        n = int(flat.ntotal)
+        base = replace(state, factory=target, gen=0, built_n=n, param=None, value=None, refine=1,
+                       recall=None, query_ms=None)
+        if target == ann.FLAT:
+            return None, base
+        ids, vectors = vec.vectors_of(flat)
+        index, tuned = ann.build(target, ids, vectors, base, lambda q, k: flat.search(q, min(k, n)),
+                                 flat.reconstruct_batch, log=log)
+        if log:
+            log(f"{modality}: built {target} over {n} vectors; {tuned.param or 'no knob'}="
+                f"{tuned.value} reaches recall@10 {tuned.recall}")
+        return index, tuned
+
+    def set_index_type(self, requested: str, budget: int | None = None, rebuild: bool = True,
+                       force: bool = False, log=None) -> dict[str, str]:
+        """Record the index type to keep (auto/flat/hnsw/ivfpq/factory) and, with `rebuild`, build it now.
+
+        The switch re-reads the stored vectors, never the images. Returns modality -> description.
+        """
+        self._require_writable()
+        dim = self._require_model().dim
+        req = requested.strip()
+        if req.lower() in ann.TYPES:
+            req = req.lower()
+        else:
+            ann.check_factory(req, dim)
+        out: dict[str, str] = {}
+        with Session(self.engine) as s, s.begin():
+            for m in MODALITIES:
+                old = self.ann_state.get(m) or ann.AnnState()
+                state = replace(old, requested=req, budget=budget)
+                self.ann_state[m] = state
+                if rebuild and self.indexes.get(m) is not None:
+                    changed = (old.requested, old.budget) != (req, budget)
+                    self._ann_follow(s, m, np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                                     force=force or changed and state.active, log=log)
+                else:
+                    s.merge(Meta(key=f"ann.{m}", value=state.to_json()))
+                    self.meta[f"ann.{m}"] = state.to_json()
+                out[m] = self.ann_state[m].describe()
+        for m in MODALITIES:
+            self._cleanup_ann(m)
+        return out
+
+    def _cleanup_ann(self, modality: str) -> None:
+        """Drop ANN files other than the current one and the one before it (readers may hold it)."""
+        current = self.ann_state.get(modality, ann.AnnState()).gen
+        pattern = re.compile(rf"^{modality}-ann-(\d+)\.faiss(\.tmp)?$")
+        files = []
+        for p in (self.home / "vectors").glob(f"{modality}-ann-*.faiss*"):
+            m = pattern.match(p.name)
+            if m:
+                files.append((int(m.group(1)), bool(m.group(2)), p))
+        older = sorted({g for g, tmp, _ in files if g < current and not tmp})
+        keep = {current} | ({older[-1]} if older else set())
+        for g, tmp, p in files:
+            if tmp or g not in keep:
+                p.unlink(missing_ok=True)
+
+    def ann_info(self, modality: str) -> dict[str, object]:
+        """How a modality is searched: the recorded ANN state, any problem, and whether files are mapped."""
+        state = self.ann_state.get(modality) or ann.AnnState()
+        info: dict[str, object] = {"requested": state.requested, "factory": state.factory,
+                                   "describe": state.describe(), "param": state.param, "value": state.value,
+                                   "refine": state.refine, "recall_at_10": state.recall,
+                                   "tombstones": int(len(self.ann_dead.get(modality, ()))),
+                                   "memory_mapped": bool(self.mapped.get(modality, False))}
+        if state.active:
+            p = self._ann_path(modality, state.gen)
+            info["ann_bytes"] = p.stat().st_size if p.is_file() else None
+        if modality in self.ann_problem:
+            info["problem"] = self.ann_problem[modality] + "; exact search serves until `crossmodal reindex`"
+        return info
 
     def _cleanup(self, modality: str, keep: set[int]) -> None:
         pattern = re.compile(rf"^{modality}-(\d+)\.faiss(\.tmp)?$")
@@ -474,11 +662,37 @@ class Store:
         if pool == 0 or k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if restrict is None:
+            approx = self._ann_query(modality)
+            if approx is not None:
+                param, value, refine = approx
+                return ann.ann_search(self.ann[modality], q, min(k, pool), param, value, refine,
+                                      self.ann_dead[modality], index.reconstruct_batch)
             return index.search(q, min(k, pool))
         import faiss
 
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(restrict, dtype=np.int64))
         return index.search(q, min(k, pool), params=faiss.SearchParameters(sel=sel))
+
+    def _ann_query(self, modality: str) -> tuple[str | None, int | None, int] | None:
+        """(knob, value, refine) when the ANN index answers this query; None for exact search.
+
+        Filtered queries (`restrict`) stay exact: a selective filter starves an ANN index.
+        """
+        opts = self.query_options
+        state = self.ann_state.get(modality) or ann.AnnState()
+        knob = ("nprobe", opts.nprobe) if opts.nprobe else ("efSearch", opts.ef_search) if opts.ef_search else None
+        if opts.exact or self.ann.get(modality) is None:
+            if knob and not opts.exact and modality == "image":
+                raise UserError(f"--{'nprobe' if knob[0] == 'nprobe' else 'ef-search'} needs an ANN index; "
+                                f"this one searches exactly ({state.describe()})")
+            return None
+        if knob:
+            if knob[0] != state.param:
+                flag = "--nprobe" if knob[0] == "nprobe" else "--ef-search"
+                raise UserError(f"{flag} does not apply to {state.factory} "
+                                f"(its knob is {state.param or 'none'})")
+            return knob[0], knob[1], state.refine
+        return state.param, state.value, state.refine
 
     def image_ids(self, flt: ImageFilter) -> np.ndarray:
         """Ids of the images that pass a filter (for `search(..., restrict=...)`)."""
@@ -550,7 +764,8 @@ class Store:
         """Bytes used by the catalog and the current vector files."""
         total = 0
         for p in [self.home / CATALOG, self.home / (CATALOG + "-wal")] + [
-                self._vector_path(m, g) for m, g in self.generations.items() if g]:
+                self._vector_path(m, g) for m, g in self.generations.items() if g] + [
+                self._ann_path(m, st.gen) for m, st in self.ann_state.items() if st.active]:
             if p.is_file():
                 total += p.stat().st_size
         return total
@@ -582,5 +797,9 @@ class Store:
                 s.merge(Meta(key=f"gen.{m}", value=str(gen)))
                 s.merge(Meta(key=f"maxgen.{m}", value=str(gen)))
                 self.generations[m] = gen
+                if index is not None and self.fingerprint is not None:  # ANN: derived, rebuilt from the rest
+                    self.ann_problem.pop(m, None)
+                    self._ann_follow(s, m, np.zeros(0, np.int64), np.zeros((0, index.d), np.float32),
+                                     force=(self.ann_state.get(m) or ann.AnnState()).active)
         self._load(check=True)
         return report

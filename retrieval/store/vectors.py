@@ -51,11 +51,19 @@ def write_atomic(index, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def read_index(path: Path):
-    """Load a vector file; a damaged file is an IndexMismatch the user can repair."""
+def read_index(path: Path, mmap: bool = False, ivf: bool = False):
+    """Load a vector file; a damaged file is an IndexMismatch the user can repair.
+
+    With `mmap`, flat codes and inverted lists stay in the file (memory-mapped), so an index larger
+    than RAM opens and answers queries from the page cache. Such an index must never be added to:
+    faiss aborts the process when a mapped array is resized, so only read-only stores map.
+    """
     faiss = _faiss()
+    flags = 0
+    if mmap:  # inverted lists and flat codes are mapped by different faiss readers
+        flags = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise IndexMismatch(f"vector file {path} is unreadable ({str(e).splitlines()[0][:120]}); "
                             f"run `crossmodal repair` to rebuild the index state") from e
@@ -80,3 +88,15 @@ def remove_ids(index, ids: np.ndarray) -> int:
     if len(ids) == 0:
         return 0
     return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
+
+
+def memory_available() -> int:
+    """MemAvailable in bytes (Linux), else a conservative 4 GiB; decides when to map files."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024 ** 3

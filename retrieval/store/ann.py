@@ -1,0 +1,347 @@
+"""Approximate nearest-neighbour indexes layered over the exact vector store.
+
+The exact store (`vectors.py`, one IndexIDMap2 of float32 vectors per modality) stays the source of
+truth: an ANN index is derived data, built from it, tuned against it, and rebuilt from it when the type
+changes or too many of its entries were deleted. Deleted ids are not removed from an ANN index (HNSW
+cannot remove); they are tombstones excluded at search time until the next rebuild.
+
+Types (`--index-type`): `flat` (exact, no ANN), `hnsw` (HNSW32), `ivfpq` (IVF with an HNSW coarse
+quantizer and PQ codes, re-scored exactly from the store), `auto` (by collection size and memory
+budget, the way autofaiss chooses), or any faiss factory string.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from ..errors import UserError
+
+TYPES = ("auto", "flat", "hnsw", "ivfpq")
+FLAT = "Flat"
+FLAT_MAX = 100_000  # auto: exact search below this many vectors (a few ms per query at 512-d)
+HNSW_MAX = 2_000_000  # auto: HNSW up to this many when its graph fits the memory budget
+MIN_TRAIN = 1_000  # IVF types wait for this many vectors; exact search serves until then
+TARGET_RECALL = 0.95
+TUNE_QUERIES = 400
+DEAD_REBUILD = 0.10  # rebuild once a tenth of the ANN entries are tombstones
+REGROW = 4  # IVF types are retrained once the collection is this many times larger than at build
+HNSW_M = 32
+EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+REFINE_LADDER = (1, 4, 16)  # candidates fetched per wanted result, re-scored with exact vectors
+ADD_CHUNK = 100_000
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+@dataclass(frozen=True)
+class AnnState:
+    """What the catalog records about a modality's ANN index (meta key `ann.<modality>`)."""
+
+    requested: str = "auto"  # what the user asked for
+    budget: int | None = None  # memory budget in bytes the choice respected (None: the default)
+    factory: str = FLAT  # what is built; Flat means exact search only
+    gen: int = 0  # the ANN file's generation (0: none)
+    built_n: int = 0  # vectors in the store when it was built
+    param: str | None = None  # "nprobe" or "efSearch"
+    value: int | None = None  # the tuned search-time setting
+    refine: int = 1  # candidates per result re-scored exactly (1: none)
+    recall: float | None = None  # recall@10 against exact search at the tuned setting
+    query_ms: float | None = None  # mean single-query time at the tuned setting, measured while tuning
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> AnnState:
+        if not text:
+            return cls()
+        raw = json.loads(text)
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def active(self) -> bool:
+        return self.factory != FLAT and self.gen > 0
+
+    def describe(self) -> str:
+        if not self.active:
+            waiting = self.requested not in ("auto", "flat")
+            return "flat (exact)" + (f"; {self.requested} waits for {MIN_TRAIN} vectors" if waiting else "")
+        knob = f", {self.param}={self.value}" if self.param else ""
+        refine = f", refine x{self.refine}" if self.refine > 1 else ""
+        recall = f", recall@10 {self.recall:.3f}" if self.recall is not None else ""
+        return f"{self.factory}{knob}{refine}{recall}"
+
+
+def parse_budget(text: str | None) -> int | None:
+    """'4G', '512M', '1.5GB' or a byte count -> bytes; None or 'auto' -> None (the default)."""
+    if text is None or text.strip().lower() in ("", "auto"):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise UserError(f"--memory-budget '{text}' is not a size (e.g. 512M, 4G)")
+    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
+    if value < 1024 ** 2:
+        raise UserError(f"--memory-budget {text} is below 1 MB")
+    return int(value)
+
+
+def default_budget() -> int:
+    """Half of physical memory: the rest is for the model, decoding and the page cache."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 1024 ** 3
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists: a power of two near 2*sqrt(n), with >= 39 training points per list."""
+    target = 2 * math.sqrt(max(n, 1))
+    nlist = 2 ** max(4, round(math.log2(target)))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    return min(nlist, 65536)
+
+
+def pq_bytes(dim: int, n: int, budget: int) -> int:
+    """PQ code size: the largest of dim/8, 64, 32, 16, 8 bytes that divides dim and fits the budget."""
+    for m in sorted({dim // 8, 64, 32, 16, 8}, reverse=True):
+        if 0 < m <= dim and dim % m == 0 and n * (m + 8) <= budget * 0.8:
+            return m
+    return 8 if dim % 8 == 0 else 1
+
+
+def hnsw_bytes(dim: int, n: int) -> int:
+    """An HNSW32 graph with float vectors: the vectors, about 2*M links per node, and its id map."""
+    return n * (4 * dim + 2 * HNSW_M * 4 + 8 + 16)
+
+
+def family(factory: str) -> str:
+    """flat / hnsw / ivf / other: which rebuild rules and search knobs apply."""
+    f = factory.upper()
+    if f == FLAT.upper():
+        return "flat"
+    if f.startswith("IVF") or ",IVF" in f:
+        return "ivf"
+    if f.startswith("HNSW"):
+        return "hnsw"
+    return "other"
+
+
+def resolve(requested: str, n: int, dim: int, budget: int | None) -> str:
+    """The faiss factory string a request means for a collection of n vectors (Flat: exact search)."""
+    budget = budget or default_budget()
+    req = requested.strip()
+    kind = req.lower()
+    if kind == "flat" or n < MIN_TRAIN and kind != "auto":
+        if kind not in TYPES:
+            check_factory(req, dim)
+        return FLAT  # below MIN_TRAIN vectors exact search is as fast and always right
+    if kind == "hnsw":
+        return f"HNSW{HNSW_M}"
+    if kind == "ivfpq":
+        return f"IVF{nlist_for(n)}_HNSW{HNSW_M},PQ{pq_bytes(dim, n, budget)}np"
+    if kind == "auto":
+        if n <= FLAT_MAX and n * dim * 4 <= budget:
+            return FLAT
+        if n <= HNSW_MAX and hnsw_bytes(dim, n) <= budget:
+            return f"HNSW{HNSW_M}"
+        return resolve("ivfpq", n, dim, budget)
+    check_factory(req, dim)
+    return req
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """A user's faiss factory string must build an inner-product index of this width."""
+    faiss = _faiss()
+    if factory.upper().startswith("IDMAP"):
+        raise UserError(f"--index-type '{factory}': leave out IDMap, crossmodal maps ids itself")
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UserError(f"--index-type '{factory}' is neither {', '.join(TYPES)} nor a faiss factory "
+                        f"string ({str(e).strip().splitlines()[-1][:100]})") from None
+
+
+def needs_rebuild(state: AnnState, target: str, n: int, dead: int, healthy: bool) -> bool:
+    """Rebuild when the type changes, tombstones pile up, or an IVF index has outgrown its training."""
+    if target == FLAT:
+        return state.factory != FLAT
+    if not state.active or not healthy or target != state.factory and (
+            family(target) != family(state.factory) or family(target) in ("hnsw", "other")):
+        return True
+    if dead > DEAD_REBUILD * max(n + dead, 1):
+        return True
+    return family(target) == "ivf" and n > REGROW * max(state.built_n, 1)
+
+
+def _prepare_training(index) -> None:
+    """Skip polysemous PQ training (10x the training time, for a search mode never used here), and
+    faiss's warnings when a small collection gives fewer points per centroid than it likes."""
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return
+    ivf = faiss.downcast_index(ivf)
+    ivf.cp.min_points_per_centroid = 1
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    pq = getattr(ivf, "pq", None)
+    if pq is not None:
+        pq.cp.min_points_per_centroid = 1
+
+
+def _add(index, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
+    for start in range(0, len(rows), ADD_CHUNK):
+        part = rows[start:start + ADD_CHUNK]
+        index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32),
+                           np.ascontiguousarray(ids[part], dtype=np.int64))
+
+
+def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
+          exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+          exact_vectors: Callable[[np.ndarray], np.ndarray], seed: int = 0, train_limit: int = 200_000,
+          log: Callable[[str], None] | None = None):
+    """Build an id-mapped `factory` index over (ids, vectors) and tune its search-time knob.
+
+    A sample of vectors is held out of training and of the index while tuning, so the tuning queries
+    are as new to the index as a user's query; they are added once tuned. Returns (index, state).
+    """
+    faiss = _faiss()
+    n, dim = vectors.shape
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    tune_rows = np.sort(order[:min(TUNE_QUERIES, n // 10)])
+    rest = order[len(tune_rows):]
+    inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not inner.is_trained:
+        _prepare_training(inner)
+        train_rows = np.sort(rest[:train_limit])
+        t0 = time.perf_counter()
+        inner.train(np.ascontiguousarray(vectors[train_rows], dtype=np.float32))
+        if log:
+            log(f"trained {factory} on {len(train_rows)} vectors in {time.perf_counter() - t0:.1f} s")
+    index = faiss.IndexIDMap(inner)
+    _add(index, ids, vectors, np.sort(rest))
+    tuned = tune(index, replace(state, factory=factory, built_n=n), ids[tune_rows],
+                 np.ascontiguousarray(vectors[tune_rows], dtype=np.float32), exact_search, exact_vectors)
+    _add(index, ids, vectors, tune_rows)
+    return index, tuned
+
+
+def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
+    """The search-time setting an index has, and the values tuning tries (cheapest first)."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        ladder = tuple(2 ** i for i in range(int(math.log2(ivf.nlist)) + 1))
+        return "nprobe", ladder if ladder[-1] == ivf.nlist else ladder + (ivf.nlist,)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", EF_LADDER
+    return None, ()
+
+
+def search_params(index, param: str | None, value: int | None, exclude: np.ndarray | None):
+    """faiss SearchParameters carrying the knob and a selector that hides tombstones."""
+    faiss = _faiss()
+    kwargs: dict = {}
+    if exclude is not None and len(exclude):
+        # faiss's Python constructors keep a reference to the selector for as long as the params live
+        kwargs["sel"] = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
+    if param == "nprobe":
+        return faiss.SearchParametersIVF(nprobe=int(value or 1), **kwargs)
+    if param == "efSearch":
+        return faiss.SearchParametersHNSW(efSearch=int(value or 16), **kwargs)
+    return faiss.SearchParameters(**kwargs)
+
+
+def ann_search(index, queries: np.ndarray, k: int, param: str | None, value: int | None, refine: int,
+               exclude: np.ndarray | None, exact_vectors: Callable[[np.ndarray], np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by the ANN index; with refine > 1, k*refine candidates are re-scored with exact vectors."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    fetch = max(k, k * refine)
+    if param == "efSearch":
+        value = max(int(value or 16), fetch)  # HNSW returns at most efSearch results
+    scores, ids = index.search(q, fetch, params=search_params(index, param, value, exclude))
+    if refine <= 1:
+        return scores[:, :k], ids[:, :k]
+    out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(q), k), -1, dtype=np.int64)
+    for row in range(len(q)):
+        cand = ids[row][ids[row] >= 0]
+        if not len(cand):
+            continue
+        exact = exact_vectors(cand) @ q[row]
+        order = np.argsort(-exact, kind="stable")[:k]
+        out_s[row, :len(order)] = exact[order]
+        out_i[row, :len(order)] = cand[order]
+    return out_s, out_i
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    """Mean share of the true top-k that the approximate top-k holds (rows of ids, -1 ignored)."""
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) / max(1, min(k, int((t[:k] >= 0).sum())))
+            for f, t in zip(found, truth, strict=True)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def _without(rows: np.ndarray, drop: np.ndarray, k: int) -> np.ndarray:
+    """Result rows with the ids in `drop` taken out, cut to k columns (-1 padded)."""
+    out = np.full((len(rows), k), -1, dtype=np.int64)
+    mask = ~np.isin(rows, drop) & (rows >= 0)
+    for r in range(len(rows)):
+        kept = rows[r][mask[r]][:k]
+        out[r, :len(kept)] = kept
+    return out
+
+
+def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
+         exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+         exact_vectors: Callable[[np.ndarray], np.ndarray], k: int = 10,
+         target: float = TARGET_RECALL) -> AnnState:
+    """Pick the cheapest knob (and refine factor) reaching recall@k >= target against exact search.
+
+    `q` are stored vectors (ids `qids`) that the ANN index does not hold yet; the exact top-k leaves
+    them out too, so both answer "the k nearest of the indexed items" for queries new to the index.
+    """
+    param, ladder = knob_of(index)
+    if not len(qids) or param is None:
+        return replace(state, param=None, value=None, refine=1, recall=None, query_ms=None)
+    _, truth = exact_search(q, k + len(qids))
+    truth = _without(truth, qids, k)
+    refines = REFINE_LADDER if family(state.factory) == "ivf" or "PQ" in state.factory.upper() else (1,)
+    best: tuple[float, int, int, float] | None = None
+    for refine in refines:
+        for value in ladder:
+            t0 = time.perf_counter()
+            _, found = ann_search(index, q, k, param, value, refine, None, exact_vectors)
+            ms = (time.perf_counter() - t0) * 1000 / len(q)
+            r = recall_at(found, truth, k)
+            if best is None or r > best[0]:
+                best = (r, value, refine, ms)
+            if r >= target:
+                return replace(state, param=param, value=value, refine=refine, recall=round(r, 4),
+                               query_ms=round(ms, 3))
+    r, value, refine, ms = best  # type: ignore[misc]
+    return replace(state, param=param, value=value, refine=refine, recall=round(r, 4), query_ms=round(ms, 3))
+
+
+def ids_of(index) -> np.ndarray:
+    """The ids an id-mapped ANN index holds (live ones and tombstones)."""
+    return _faiss().vector_to_array(index.id_map).astype(np.int64)

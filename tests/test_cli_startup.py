@@ -1,0 +1,55 @@
+"""What a one-shot query process imports: no pydantic (plain option values, indexer/light_params.py) and no
+rich for --json output, while bad values still get Typer's own messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from tests.conftest import ROOT, run_cli  # noqa: E402
+from tests.onnx_fixtures import *  # noqa: E402, F403
+
+
+def _imported(*args: str, home: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CROSSMODAL_HOME", "CROSSMODAL_BACKEND")}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "indexer.cli", "--home", str(home), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {ln.rsplit("|", 1)[1].strip().split(".")[0] for ln in r.stderr.splitlines()
+            if ln.startswith("import time:")}, r
+
+
+def test_json_queries_import_neither_pydantic_nor_rich(home: Path, photos) -> None:
+    for args in (["search", "red circles", "-k", "3", "--weight", "0.3", "--not", "blue", "--not", "green",
+                  "--rerank-k", "5", "--json"],
+                 ["search", "--image", str(photos["img01"]), "-k", "2", "--under", str(photos["root"]), "--json"],
+                 ["caption", str(photos["img01"]), "-k", "2", "--json"],
+                 ["info", "--json"]):
+        mods, r = _imported(*args, home=home)
+        assert "typer" in mods and "numpy" in mods  # the log is real
+        assert not mods & {"pydantic", "pydantic_core", "rich", "torch", "open_clip"}, (args, mods)
+        assert json.loads(r.stdout) or args[0] == "search"
+
+
+def test_bad_values_get_typers_messages(home: Path) -> None:
+    for args, message in ((["-k", "0"], "greater than or equal to 1"), (["-k", "2x"], "valid integer"),
+                          (["--weight", "1.5"], "less than or equal to 1"), (["--weight", "nan"], "--weight"),
+                          (["--rerank-k", "1001"], "less than or equal to 1000")):
+        r = run_cli("search", "red", *args, home=home)
+        assert r.returncode == 2 and "Invalid value" in r.stderr and message in r.stderr, (args, r.stderr)
+
+
+def test_values_convert_like_typer(home: Path) -> None:
+    """Edge forms that are valid for Typer stay valid, with the same results."""
+    a = run_cli("search", "red circles", "-k", "+3", "--weight", "1e-1", "--json", "--no-rerank", home=home)
+    b = run_cli("search", "red circles", "-k", "3", "--weight", "0.1", "--json", "--no-rerank", home=home)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert [h["id"] for h in json.loads(a.stdout)] == [h["id"] for h in json.loads(b.stdout)]
+    assert len(json.loads(a.stdout)) == 3

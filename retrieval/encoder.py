@@ -235,23 +235,17 @@ class Encoder:
     def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
                                  ) -> tuple[np.ndarray, list[np.ndarray]]:
         """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
-        from .tokens import text_forward
+        from .tokens import batched_text_tokens, text_forward
 
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        toks: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
-        if not len(texts):
-            return out, toks
-        tokens = self.tokenizer(list(texts))
-        order = np.argsort(_token_lengths(tokens), kind="stable")
-        for i in range(0, len(order), batch_size):
-            sel = order[i:i + batch_size]
+        tokens = self.tokenizer(list(texts)) if len(texts) else None
+
+        def run(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             with self._inference():
                 pooled, feats, mask = text_forward(self.model, tokens[sel].to(self.device))
-                out[sel] = self._normalise(pooled)
-                feats, mask = feats.float().cpu().numpy(), mask.cpu().numpy()
-            for j, row in enumerate(sel):
-                toks[row] = feats[j][mask[j]]
-        return out, toks
+                return self._normalise(pooled), feats.float().cpu().numpy(), mask.cpu().numpy()
+
+        lengths = _token_lengths(tokens) if tokens is not None else np.zeros(0, np.int64)
+        return batched_text_tokens(len(texts), self.dim, lengths, batch_size, run)
 
 
 def _token_lengths(tokens: Any) -> np.ndarray:

@@ -227,19 +227,12 @@ class OnnxEncoder:
     def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
                                  ) -> tuple[np.ndarray, list[np.ndarray]]:
         """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        toks: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
-        if not len(texts):
-            return out, toks
-        tokens = self.tokenizer(list(texts))
-        order = np.argsort(tokens.argmax(axis=1) + 1, kind="stable")
-        for i in range(0, len(order), batch_size):
-            sel = order[i:i + batch_size]
-            pooled, feats, mask = self._text_pass(tokens[sel])
-            out[sel] = pooled
-            for j, row in enumerate(sel):
-                toks[row] = feats[j][mask[j]]
-        return out, toks
+        from .tokens import batched_text_tokens
+
+        tokens = self.tokenizer(list(texts)) if len(texts) else None
+        lengths = tokens.argmax(axis=1) + 1 if tokens is not None else np.zeros(0, np.int64)
+        return batched_text_tokens(len(texts), self.dim, lengths, batch_size,
+                                   lambda sel: self._text_pass(tokens[sel]))
 
     def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ONE vision pass: (unit pooled vectors (B,d) equal to encode_pixels, token features (B,1+P,d))."""

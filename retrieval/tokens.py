@@ -12,6 +12,7 @@ else raises `TokensUnsupported` naming what is supported.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,3 +113,23 @@ def text_forward(model: Any, tokens: Any) -> tuple[Any, Any, Any]:
 def unit_rows(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def batched_text_tokens(n: int, dim: int, lengths: np.ndarray, batch_size: int,
+                        run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+                        ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Vectors and per-text valid tokens, encoding texts in batches of similar length (less padding).
+
+    `run(rows)` encodes those rows and returns (unit vectors (b,d), token features (b,L,d), mask (b,L)) as
+    numpy; it is the backend's (torch or ONNX Runtime) single text pass.
+    """
+    out = np.zeros((n, dim), dtype=np.float32)
+    toks: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * n
+    order = np.argsort(lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        sel = order[i:i + batch_size]
+        pooled, feats, mask = run(sel)
+        out[sel] = pooled
+        for j, row in enumerate(sel):
+            toks[row] = feats[j][mask[j]]
+    return out, toks

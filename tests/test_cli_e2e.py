@@ -78,7 +78,9 @@ def test_add_texts_every_format(cli_home, tmp_path):
     ok(run_cli("add-texts", str(tmp_path / "caps.jsonl"), "--field", "text", "--corpus", "j", home=home))
     info = json.loads(ok(run_cli("info", "--json", home=home)).stdout)
     assert info == {"home": str(home), "model": TEST_MODEL, "pretrained": info["pretrained"], "dim": 384,
-                    "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2}}
+                    "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2},
+                    "vector_index": info["vector_index"]}  # its content: tests/test_ann.py
+    assert info["vector_index"]["text"]["describe"] == "flat (exact)"
     user_error(run_cli("add-texts", str(tmp_path / "caps.csv"), "--column", "nope", home=home),
                "no column 'nope'")
 

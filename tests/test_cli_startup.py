@@ -38,6 +38,23 @@ def test_json_queries_import_neither_pydantic_nor_rich(home: Path, photos) -> No
         assert json.loads(r.stdout) or args[0] == "search"
 
 
+def test_onnx_queries_import_no_sqlalchemy(home: Path, photos) -> None:
+    """A read-only store reads its catalog with the stdlib sqlite3 (retrieval/store/reader.py): importing
+    SQLAlchemy alone would cost 0.3-0.4 s of the 1 s `search --no-rerank` budget."""
+    onnx = ("--backend", "onnx")
+    for args in (["search", "red circles", "-k", "3", "--no-rerank", *onnx],
+                 ["search", "red circles", "-k", "3", "--json", *onnx],  # reranked (the default)
+                 ["search", "red circles", "-k", "3", "--after", "2000-01-01", "--under", str(photos["root"]),
+                  "--camera", "x", "--no-rerank", "--json", *onnx],
+                 ["caption", str(photos["img01"]), "-k", "2", "--corpus", "alpha", *onnx],
+                 ["caption", str(photos["img01"]), "-k", "2", "--no-rerank", "--json", *onnx],
+                 ["info"], ["info", "--json"]):
+        mods, r = _imported(*args, home=home)
+        assert "numpy" in mods and ("onnxruntime" in mods or args[0] == "info"), (args, mods)  # the log is real
+        assert "sqlalchemy" not in mods, (args, r.stderr[-1000:])
+        assert r.stdout.strip() or args[0] == "search", args
+
+
 def test_bad_values_get_typers_messages(home: Path) -> None:
     for args, message in ((["-k", "0"], "greater than or equal to 1"), (["-k", "2x"], "valid integer"),
                           (["--weight", "1.5"], "less than or equal to 1"), (["--weight", "nan"], "--weight"),

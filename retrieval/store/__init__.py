@@ -1,5 +1,7 @@
-"""Catalog (SQLAlchemy) + vectors (FAISS) behind one facade with a single commit point."""
+"""Catalog (SQLite: SQLAlchemy to write, stdlib sqlite3 to read) + vectors (FAISS) behind one facade with a
+single commit point."""
 
-from .store import MODALITIES, ImageFilter, ImageRecord, ItemView, Store, TextRecord
+from .records import CATALOG, MODALITIES, ImageFilter, ImageRecord, ItemView, QueryOptions, TextRecord
+from .store import Store
 
-__all__ = ["MODALITIES", "ImageFilter", "ImageRecord", "ItemView", "Store", "TextRecord"]
+__all__ = ["CATALOG", "MODALITIES", "ImageFilter", "ImageRecord", "ItemView", "QueryOptions", "Store", "TextRecord"]

@@ -18,7 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+from .records import SCHEMA_VERSION  # noqa: F401  (defined there so read-only stores need no SQLAlchemy)
 
 
 def utcnow() -> datetime:

@@ -8,119 +8,93 @@ previous generation is kept one commit longer so readers that opened it keep wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
 
 from ..encoder import Fingerprint
 from ..errors import IndexMismatch, IndexMissing, ModelMismatch, SchemaTooNew, UserError
 from . import ann
 from . import vectors as vec
-from .catalog import SCHEMA_VERSION, Base, Item, Meta, Skipped, make_engine, utcnow
 from .lock import WriterLock
+from .reader import CatalogReader
+from .records import (
+    CATALOG,
+    MODALITIES,
+    SCHEMA_VERSION,
+    ImageFilter,
+    ImageRecord,
+    ItemView,
+    QueryOptions,
+    TextRecord,
+    _iso_to_ts,
+    date_bound,
+)
 
-MODALITIES = ("image", "text")
-CATALOG = "catalog.sqlite"
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
 
+    from .catalog import Item
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """What the indexer learned about one image file."""
+__all__ = ["CATALOG", "MODALITIES", "SCHEMA_VERSION", "ImageFilter", "ImageRecord", "ItemView", "QueryOptions",
+           "Store", "TextRecord", "_iso_to_ts"]
 
-    path: str
-    sha256: str
-    bytes: int
-    mtime: float
-    width: int
-    height: int
-    taken_at: str | None = None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
-
-
-@dataclass(frozen=True)
-class TextRecord:
-    """One caption of a named corpus; `sha256` is of the text and dedupes within the corpus."""
-
-    corpus: str
-    row: int
-    text: str
-    sha256: str
+# SQLAlchemy and the ORM tables load only when a store writes (or migrates, or makes an indexer-only read):
+# a read-only store answers from the stdlib-sqlite3 CatalogReader, which keeps `crossmodal search` under 1 s.
+_CATALOG_NAMES = ("Base", "Item", "Meta", "Skipped", "make_engine", "utcnow")
 
 
-@dataclass(frozen=True)
-class ImageFilter:
-    """Restrict image results: a folder prefix and a capture-date range (EXIF date, else file time).
+def __getattr__(name: str) -> Any:
+    """The ORM names this module used to import eagerly (`store.Meta`, ...), loaded on first use."""
+    if name in _CATALOG_NAMES:
+        from . import catalog
 
-    Dates are ISO strings ('2024-05-01' or '2024-05-01T12:00:00'); `after` is inclusive, `before` exclusive.
+        return getattr(catalog, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _view_of(it: Item) -> ItemView:
+    """An ORM row as plain values."""
+    return ItemView(it.id, it.modality, it.path, it.corpus, it.row, it.text, it.width, it.height,
+                    it.taken_at, it.bytes, it.camera_make, it.camera_model, it.gps_lat, it.gps_lon, it.sha256)
+
+
+def _session_ids(s: Session, modality: str) -> np.ndarray:
+    """Every id of a modality, through a writer's session."""
+    from sqlalchemy import select
+
+    from .catalog import Item
+
+    return np.asarray(s.scalars(select(Item.id).where(Item.modality == modality)).all(), dtype=np.int64)
+
+
+class _SessionCatalog:
+    """The snapshot reads `Store._load` makes (meta, ids per modality) on a SQLAlchemy session.
+
+    Same two methods as CatalogReader, so loading reads one committed state either way.
     """
 
-    under: str | None = None
-    after: str | None = None
-    before: str | None = None
-    camera: str | None = None  # case-insensitive substring of "make model"
+    def __init__(self, s: Session) -> None:
+        self.s = s
 
-    def active(self) -> bool:
-        return bool(self.under or self.after or self.before or self.camera)
+    def meta(self) -> dict[str, str]:
+        from sqlalchemy import select
 
+        from .catalog import Meta
 
-def _iso_to_ts(text: str) -> float:
-    from datetime import datetime
+        return {m.key: m.value for m in self.s.scalars(select(Meta))}
 
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError as e:
-        raise UserError(f"'{text}' is not a date (use YYYY-MM-DD)") from e
-    return dt.timestamp()
-
-
-@dataclass(frozen=True)
-class QueryOptions:
-    """Per-query ANN settings: exact search, or a knob overriding the tuned one."""
-
-    exact: bool = False
-    nprobe: int | None = None
-    ef_search: int | None = None
-
-
-@dataclass(frozen=True)
-class ItemView:
-    """A catalog row as plain values, safe to hand to the CLI and the page."""
-
-    id: int
-    modality: str
-    path: str | None
-    corpus: str | None
-    row: int | None
-    text: str | None
-    width: int | None
-    height: int | None
-    taken_at: str | None
-    bytes: int | None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
-    sha256: str | None = None
-
-    @classmethod
-    def of(cls, it: Item) -> ItemView:
-        return cls(it.id, it.modality, it.path, it.corpus, it.row, it.text, it.width, it.height,
-                   it.taken_at, it.bytes, it.camera_make, it.camera_model, it.gps_lat, it.gps_lon, it.sha256)
-
-    @property
-    def camera(self) -> str | None:
-        parts = [p for p in (self.camera_make, self.camera_model) if p]
-        return " ".join(parts) or None
+    def ids(self, modality: str) -> np.ndarray:
+        return _session_ids(self.s, modality)
 
 
 def _v1_to_v2(session: Session) -> None:
@@ -144,7 +118,12 @@ def _migrate(session: Session, found: int) -> None:
 
 
 class Store:
-    """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`."""
+    """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`.
+
+    Writers go through SQLAlchemy (`engine`, created on first use). A read-only store answers catalog reads
+    from a stdlib-sqlite3 CatalogReader, so a query process never imports SQLAlchemy unless it must migrate
+    an older catalog or asks for an indexer-only read (all_image_shas, shas_in_use, image_files, text_hashes).
+    """
 
     def __init__(self, home: Path, writable: bool, lock: WriterLock | None, mmap: bool | None = None
                  ) -> None:
@@ -158,7 +137,8 @@ class Store:
         self.ann_dead: dict[str, np.ndarray] = {}
         self.ann_problem: dict[str, str] = {}
         self.query_options = QueryOptions()
-        self.engine = make_engine(f"sqlite:///{home / CATALOG}")
+        self._engine: Engine | None = None
+        self._reader: CatalogReader | None = None if writable else CatalogReader(home / CATALOG)
         self.fingerprint: Fingerprint | None = None
         self.indexes: dict[str, object] = {}
         self.generations: dict[str, int] = {}
@@ -182,17 +162,56 @@ class Store:
                 raise UserError(f"index home {home} exists and is not a folder")
             (home / "vectors").mkdir(parents=True, exist_ok=True)
         lock = WriterLock(home) if writable else None
+        store: Store | None = None
         try:
             store = cls(home, writable, lock, mmap)
             store._prepare_schema()
             store._load(check=check)
         except BaseException:
-            if lock:
+            if store is not None:
+                store.close()  # releases the lock too
+            elif lock:
                 lock.release()
             raise
         return store
 
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, made (and SQLAlchemy imported) on first use: writers and migrations."""
+        if self._engine is None:
+            from .catalog import make_engine
+
+            self._engine = make_engine(f"sqlite:///{self.home / CATALOG}")
+        return self._engine
+
+    def _too_new(self, found: int) -> SchemaTooNew:
+        return SchemaTooNew(f"index in {self.home} was written by a newer crossmodal "
+                            f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
+
     def _prepare_schema(self) -> None:
+        """Make the tables (writers), refuse a newer schema, migrate an older one.
+
+        A read-only store checks the version through its reader; only an older catalog, which it migrates
+        under the writer lock, needs SQLAlchemy.
+        """
+        if self._reader is not None:
+            try:
+                found = self._reader.schema_version() if self._reader.has_catalog() else None
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError):  # locked, I/O: not a verdict on the file
+                    raise
+                raise IndexMismatch(f"catalog {self.home / CATALOG} is unreadable ({e}): not a crossmodal "
+                                    f"catalog, or damaged; restore it, or index into a new --home") from e
+            if found is None:
+                raise IndexMissing(f"{self.home} holds no crossmodal catalog")
+            if found > SCHEMA_VERSION:
+                raise self._too_new(found)
+            if found == SCHEMA_VERSION:
+                return
+        from sqlalchemy.orm import Session
+
+        from .catalog import Base, Meta, Skipped
+
         if self.writable:
             from sqlalchemy import inspect
 
@@ -211,8 +230,7 @@ class Store:
                     return
                 found = int(row.value)
                 if found > SCHEMA_VERSION:
-                    raise SchemaTooNew(f"index in {self.home} was written by a newer crossmodal "
-                                       f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
+                    raise self._too_new(found)
                 if found < SCHEMA_VERSION:
                     # Readers upgrade too (holding the writer lock meanwhile), so queries keep working.
                     lock = None if self.writable else WriterLock(self.home)
@@ -268,8 +286,8 @@ class Store:
         """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile."""
         for attempt in range(attempts):
             try:
-                with Session(self.engine) as s, s.begin():
-                    self.meta = {m.key: m.value for m in s.scalars(select(Meta))}
+                with self._snapshot() as catalog:
+                    self.meta = catalog.meta()
                     fp = self.meta.get("model")
                     self.fingerprint = Fingerprint.from_json(fp) if fp else None
                     for m in MODALITIES:
@@ -294,20 +312,28 @@ class Store:
                                 self.indexes[m] = vec.new_index(self.fingerprint.dim)
                         self._load_ann(m, last_attempt=attempt == attempts - 1)
                     if check:
-                        self._check_agreement(s)
+                        self._check_agreement(catalog.ids)
                 return
             except FileNotFoundError as e:
                 if attempt == attempts - 1:
                     raise IndexMismatch(f"vector file {e} named by the catalog is missing; run "
                                         f"`crossmodal repair`, then `crossmodal index` to re-embed") from e
 
-    def _catalog_ids(self, s: Session, modality: str) -> np.ndarray:
-        ids = s.scalars(select(Item.id).where(Item.modality == modality)).all()
-        return np.asarray(ids, dtype=np.int64)
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[CatalogReader | _SessionCatalog]:
+        """One committed catalog state offering `meta()` and `ids(modality)`: the reader's, or a session's."""
+        if self._reader is not None:
+            with self._reader.snapshot() as reader:
+                yield reader
+            return
+        from sqlalchemy.orm import Session
 
-    def _check_agreement(self, s: Session) -> None:
+        with Session(self.engine) as s, s.begin():
+            yield _SessionCatalog(s)
+
+    def _check_agreement(self, catalog_ids: Callable[[str], np.ndarray]) -> None:
         for m in MODALITIES:
-            rows = self._catalog_ids(s, m)
+            rows = catalog_ids(m)
             index = self.indexes.get(m)
             held = vec.ids_of(index) if index is not None else np.zeros(0, dtype=np.int64)
             if len(rows) == len(held) and np.array_equal(np.sort(rows), np.sort(held)):
@@ -321,7 +347,11 @@ class Store:
 
     def close(self) -> None:
         """Release the writer lock and database handles."""
-        self.engine.dispose()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._engine is not None:
+            self._engine.dispose()
         if self._lock:
             self._lock.release()
             self._lock = None
@@ -342,6 +372,10 @@ class Store:
                     f"{fp.describe()}; use another --home for the new model")
             return
         self._require_writable()
+        from sqlalchemy.orm import Session
+
+        from .catalog import Meta
+
         with Session(self.engine) as s, s.begin():
             s.merge(Meta(key="model", value=fp.to_json()))
             if checkpoint_stat:
@@ -359,6 +393,10 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         """Record one small fact about the index (e.g. the reranker file) in the meta table."""
         self._require_writable()
+        from sqlalchemy.orm import Session
+
+        from .catalog import Meta
+
         with Session(self.engine) as s, s.begin():
             s.merge(Meta(key=key, value=value))
         self.meta[key] = value
@@ -389,6 +427,11 @@ class Store:
         index = self.indexes[modality]
         old_gen = self.generations[modality]
         new_gen = max(old_gen, int(self.meta.get(f"maxgen.{modality}", "0"))) + 1
+        from sqlalchemy import delete
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item, Meta, Skipped
+
         try:
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 if len(remove):
@@ -423,6 +466,8 @@ class Store:
 
         Runs inside the commit's transaction; the new ANN file is written before SQLite commits.
         """
+        from .catalog import Meta
+
         state = self.ann_state.get(modality) or ann.AnnState()
         flat = self.indexes[modality]
         n = int(flat.ntotal)
@@ -490,6 +535,10 @@ class Store:
         else:
             ann.check_factory(req, dim)
         out: dict[str, str] = {}
+        from sqlalchemy.orm import Session
+
+        from .catalog import Meta
+
         with Session(self.engine) as s, s.begin():
             for m in MODALITIES:
                 old = self.ann_state.get(m) or ann.AnnState()
@@ -548,6 +597,8 @@ class Store:
     def add_images(self, records: Sequence[ImageRecord], vectors: np.ndarray,
                    replace: Iterable[int] = ()) -> list[int]:
         """Commit new image rows and vectors (and drop the rows they replace)."""
+        from .catalog import Item, utcnow
+
         now = utcnow()
         items = [Item(modality="image", path=r.path, sha256=r.sha256, bytes=r.bytes, mtime=r.mtime,
                       width=r.width, height=r.height, taken_at=r.taken_at, camera_make=r.camera_make,
@@ -568,7 +619,10 @@ class Store:
         if not moves:
             return
         self._require_writable()
-        from sqlalchemy import update
+        from sqlalchemy import delete, update
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item, Skipped
 
         with Session(self.engine) as s, s.begin():
             for item_id, path, size, mtime in moves:
@@ -577,6 +631,13 @@ class Store:
 
     def image_shas(self, ids: Iterable[int]) -> dict[int, str]:
         """id -> content hash, for move detection."""
+        if self._reader is not None:
+            return self._reader.image_shas(ids)
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         ids = [int(i) for i in ids]
         out: dict[int, str] = {}
         with Session(self.engine) as s:
@@ -591,11 +652,21 @@ class Store:
 
     def all_image_shas(self) -> set[str]:
         """Every content hash the image rows hold (what caches keyed by content must keep)."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             return set(s.scalars(select(Item.sha256).where(Item.modality == "image")))
 
     def shas_in_use(self, shas: Iterable[str]) -> set[str]:
         """Which of these content hashes some image row still has (thumbnails of the rest can go)."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         shas = list(set(shas))
         used: set[str] = set()
         with Session(self.engine) as s:
@@ -606,6 +677,11 @@ class Store:
 
     def image_files(self) -> dict[str, tuple[int, int | None, float | None]]:
         """path -> (id, bytes, mtime) for every indexed image, for the rescan diff."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             rows = s.execute(select(Item.path, Item.id, Item.bytes, Item.mtime)
                              .where(Item.modality == "image"))
@@ -616,17 +692,31 @@ class Store:
         if not skipped:
             return
         self._require_writable()
+        from sqlalchemy.orm import Session
+
+        from .catalog import Skipped, utcnow
+
         with Session(self.engine) as s, s.begin():
             for path, reason in skipped:
                 s.merge(Skipped(path=path, reason=reason, at=utcnow()))
 
     def skipped(self) -> list[tuple[str, str]]:
+        """Files the indexer could not read, with the reason, by path."""
+        if self._reader is not None:
+            return self._reader.skipped()
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Skipped
+
         with Session(self.engine) as s:
             return [(p, r) for p, r in s.execute(select(Skipped.path, Skipped.reason).order_by(Skipped.path))]
 
     # ---- texts ---------------------------------------------------------------------------------
     def add_texts(self, records: Sequence[TextRecord], vectors: np.ndarray) -> list[int]:
         """Commit caption rows and vectors."""
+        from .catalog import Item, utcnow
+
         now = utcnow()
         items = [Item(modality="text", corpus=r.corpus, row=r.row, text=r.text, sha256=r.sha256,
                       added_at=now) for r in records]
@@ -634,6 +724,11 @@ class Store:
 
     def text_hashes(self, corpus: str) -> set[str]:
         """Hashes of the captions a corpus already holds, so re-adding a file adds only what is new."""
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             return set(s.scalars(select(Item.sha256).where(Item.modality == "text", Item.corpus == corpus)))
 
@@ -643,6 +738,14 @@ class Store:
         return int(index.ntotal) if index is not None else 0
 
     def corpora(self) -> dict[str, int]:
+        """Caption corpus -> how many captions it holds, by name."""
+        if self._reader is not None:
+            return self._reader.corpora()
+        from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             rows = s.execute(select(Item.corpus, func.count()).where(Item.modality == "text")
                              .group_by(Item.corpus).order_by(Item.corpus))
@@ -695,8 +798,18 @@ class Store:
         return state.param, state.value, state.refine
 
     def image_ids(self, flt: ImageFilter) -> np.ndarray:
-        """Ids of the images that pass a filter (for `search(..., restrict=...)`)."""
-        from sqlalchemy import and_, or_
+        """Ids of the images that pass a filter (for `search(..., restrict=...)`).
+
+        A date bound compares with the EXIF date as text, or with the file time for images without one.
+        """
+        after = date_bound(flt.after) if flt.after else None
+        before = date_bound(flt.before) if flt.before else None
+        if self._reader is not None:
+            return self._reader.image_ids(under=flt.under, camera=flt.camera, after=after, before=before)
+        from sqlalchemy import and_, func, or_, select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
 
         cond = [Item.modality == "image"]
         if flt.under:
@@ -707,11 +820,10 @@ class Store:
             needle = f"%{flt.camera.lower()}%"
             camera = func.lower(func.coalesce(Item.camera_make, "") + " " + func.coalesce(Item.camera_model, ""))
             cond.append(camera.like(needle))
-        for bound, op in ((flt.after, "ge"), (flt.before, "lt")):
-            if not bound:
+        for bound, op in ((after, "ge"), (before, "lt")):
+            if bound is None:
                 continue
-            ts = _iso_to_ts(bound)
-            iso = bound if "T" in bound else bound + "T00:00:00"
+            iso, ts = bound
             by_exif = Item.taken_at >= iso if op == "ge" else Item.taken_at < iso
             by_mtime = Item.mtime >= ts if op == "ge" else Item.mtime < ts
             cond.append(or_(by_exif, and_(Item.taken_at.is_(None), by_mtime)))
@@ -721,6 +833,13 @@ class Store:
 
     def cameras(self, limit: int = 200) -> list[str]:
         """Distinct "make model" strings of indexed images (for a camera picker), most common first."""
+        if self._reader is not None:
+            return self._reader.cameras(limit)
+        from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             rows = s.execute(select(Item.camera_make, Item.camera_model, func.count())
                              .where(Item.modality == "image",
@@ -731,6 +850,13 @@ class Store:
 
     def text_ids(self, corpus: str) -> np.ndarray:
         """Ids of one corpus's captions (to restrict a caption search)."""
+        if self._reader is not None:
+            return self._reader.text_ids(corpus)
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         with Session(self.engine) as s:
             ids = s.scalars(select(Item.id).where(Item.modality == "text", Item.corpus == corpus)).all()
         return np.asarray(ids, dtype=np.int64)
@@ -752,12 +878,19 @@ class Store:
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemView]:
         """Catalog rows for ids, as plain values."""
+        if self._reader is not None:
+            return {i: ItemView(*row) for i, row in self._reader.items(ids).items()}
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item
+
         ids = [int(i) for i in ids if int(i) >= 0]
         out: dict[int, ItemView] = {}
         with Session(self.engine) as s:
             for start in range(0, len(ids), 900):
                 for it in s.scalars(select(Item).where(Item.id.in_(ids[start:start + 900]))):
-                    out[it.id] = ItemView.of(it)
+                    out[it.id] = _view_of(it)
         return out
 
     def size_on_disk(self) -> int:
@@ -775,9 +908,14 @@ class Store:
         """Make catalog and vectors agree: drop rows without vectors and vectors without rows."""
         self._require_writable()
         report = {"rows_dropped": 0, "vectors_dropped": 0}
+        from sqlalchemy import delete
+        from sqlalchemy.orm import Session
+
+        from .catalog import Item, Meta
+
         with Session(self.engine) as s, s.begin():
             for m in MODALITIES:
-                rows = self._catalog_ids(s, m)
+                rows = _session_ids(s, m)
                 index = self.indexes.get(m)
                 if index is None:
                     if len(rows):

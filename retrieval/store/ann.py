@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..errors import UserError
+from .vectors import memory_total
 
 TYPES = ("auto", "flat", "hnsw", "ivfpq")
 FLAT = "Flat"
@@ -74,12 +75,14 @@ class AnnState:
         return self.factory != FLAT and self.gen > 0
 
     def describe(self) -> str:
-        if not self.active:
+        if self.factory == FLAT:
             waiting = self.requested not in ("auto", "flat")
             return "flat (exact)" + (f"; {self.requested} waits for {MIN_TRAIN} vectors" if waiting else "")
         knob = f", {self.param}={self.value}" if self.param else ""
         refine = f", refine x{self.refine}" if self.refine > 1 else ""
         recall = f", recall@10 {self.recall:.3f}" if self.recall is not None else ""
+        if self.recall is not None and self.recall < TARGET_RECALL:
+            recall += f" (best reached; below the {TARGET_RECALL} target)"
         return f"{self.factory}{knob}{refine}{recall}"
 
 
@@ -98,14 +101,7 @@ def parse_budget(text: str | None) -> int | None:
 
 def default_budget() -> int:
     """Half of physical memory: the rest is for the model, decoding and the page cache."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 8 * 1024 ** 3
+    return memory_total() // 2
 
 
 def nlist_for(n: int) -> int:
@@ -172,18 +168,20 @@ def check_factory(factory: str, dim: int) -> None:
         raise UserError(f"--index-type '{factory}': leave out IDMap, crossmodal maps ids itself")
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
+    except RuntimeError:
         raise UserError(f"--index-type '{factory}' is neither {', '.join(TYPES)} nor a faiss factory "
-                        f"string ({str(e).strip().splitlines()[-1][:100]})") from None
+                        f"string faiss can build (e.g. IVF4096_HNSW32,PQ64np or HNSW32)") from None
 
 
 def needs_rebuild(state: AnnState, target: str, n: int, dead: int, healthy: bool) -> bool:
     """Rebuild when the type changes, tombstones pile up, or an IVF index has outgrown its training."""
     if target == FLAT:
         return state.factory != FLAT
-    if not state.active or not healthy or target != state.factory and (
-            family(target) != family(state.factory) or family(target) in ("hnsw", "other")):
+    if not state.active or not healthy:
         return True
+    if target != state.factory and (family(target) != family(state.factory)
+                                    or family(target) in ("hnsw", "other")):
+        return True  # an IVF whose list count drifts with n is only retrained on growth (below)
     if dead > DEAD_REBUILD * max(n + dead, 1):
         return True
     return family(target) == "ivf" and n > REGROW * max(state.built_n, 1)
@@ -256,7 +254,7 @@ def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
     return None, ()
 
 
-def search_params(index, param: str | None, value: int | None, exclude: np.ndarray | None):
+def search_params(param: str | None, value: int | None, exclude: np.ndarray | None):
     """faiss SearchParameters carrying the knob and a selector that hides tombstones."""
     faiss = _faiss()
     kwargs: dict = {}
@@ -278,7 +276,7 @@ def ann_search(index, queries: np.ndarray, k: int, param: str | None, value: int
     fetch = max(k, k * refine)
     if param == "efSearch":
         value = max(int(value or 16), fetch)  # HNSW returns at most efSearch results
-    scores, ids = index.search(q, fetch, params=search_params(index, param, value, exclude))
+    scores, ids = index.search(q, fetch, params=search_params(param, value, exclude))
     if refine <= 1:
         return scores[:, :k], ids[:, :k]
     out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -345,8 +343,3 @@ def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
             previous = r
     r, value, refine, ms = best  # type: ignore[misc]
     return replace(state, param=param, value=value, refine=refine, recall=round(r, 4), query_ms=round(ms, 3))
-
-
-def ids_of(index) -> np.ndarray:
-    """The ids an id-mapped ANN index holds (live ones and tombstones)."""
-    return _faiss().vector_to_array(index.id_map).astype(np.int64)

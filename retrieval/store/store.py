@@ -274,12 +274,15 @@ class Store:
         except IndexMismatch:
             self.ann_problem[modality] = f"ANN file {path.name} is unreadable"
             return
-        held, live = ann.ids_of(index), vec.ids_of(flat)
+        self.ann[modality] = index
+        if int(index.ntotal) == int(flat.ntotal):
+            return  # the commit protocol keeps every live id in the ANN index: equal counts, no tombstones
+        held, live = vec.ids_of(index), vec.ids_of(flat)
         missing = len(np.setdiff1d(live, held, assume_unique=True))
         if missing:
+            self.ann[modality] = None
             self.ann_problem[modality] = f"ANN index lacks {missing} vectors"
             return
-        self.ann[modality] = index
         self.ann_dead[modality] = np.setdiff1d(held, live, assume_unique=True)
 
     def _load(self, check: bool, attempts: int = 3) -> None:
@@ -484,7 +487,7 @@ class Store:
             new_index = current
         elif state.active:
             # Only deletions: the ANN file stays as it is; tombstones follow from the exact store.
-            self.ann_dead[modality] = np.setdiff1d(ann.ids_of(current), vec.ids_of(flat), assume_unique=True)
+            self.ann_dead[modality] = np.setdiff1d(vec.ids_of(current), vec.ids_of(flat), assume_unique=True)
             return
         else:
             if f"ann.{modality}" not in self.meta or self.meta[f"ann.{modality}"] != state.to_json():
@@ -503,7 +506,7 @@ class Store:
         self.ann_state[modality] = state
         self.ann_problem.pop(modality, None)
         self.ann_dead[modality] = (np.zeros(0, np.int64) if new_index is None else
-                                   np.setdiff1d(ann.ids_of(new_index), vec.ids_of(flat), assume_unique=True))
+                                   np.setdiff1d(vec.ids_of(new_index), vec.ids_of(flat), assume_unique=True))
 
     def _ann_build(self, modality: str, target: str, state: ann.AnnState, log=None):
         """Build `target` from the stored vectors and tune its knob; Flat means no ANN index."""
@@ -517,8 +520,7 @@ class Store:
         index, tuned = ann.build(target, ids, vectors, base, lambda q, k: flat.search(q, min(k, n)),
                                  flat.reconstruct_batch, log=log)
         if log:
-            log(f"{modality}: built {target} over {n} vectors; {tuned.param or 'no knob'}="
-                f"{tuned.value} reaches recall@10 {tuned.recall}")
+            log(f"{modality}: built {target} over {n} vectors: {tuned.describe()}")
         return index, tuned
 
     def set_index_type(self, requested: str, budget: int | None = None, rebuild: bool = True,

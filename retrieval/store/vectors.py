@@ -90,13 +90,23 @@ def remove_ids(index, ids: np.ndarray) -> int:
     return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
 
 
-def memory_available() -> int:
-    """MemAvailable in bytes (Linux), else a conservative 4 GiB; decides when to map files."""
+def _meminfo(key: str, fallback: int) -> int:
+    """One /proc/meminfo figure in bytes (Linux); `fallback` elsewhere."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 4 * 1024 ** 3
+    return fallback
+
+
+def memory_available() -> int:
+    """Free memory (MemAvailable), else a conservative 4 GiB; decides when to map files."""
+    return _meminfo("MemAvailable", 4 * 1024 ** 3)
+
+
+def memory_total() -> int:
+    """Physical memory, else 16 GiB; the default ANN memory budget is half of it."""
+    return _meminfo("MemTotal", 16 * 1024 ** 3)

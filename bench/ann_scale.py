@@ -7,6 +7,7 @@ the same distribution (never stored).
 
   python bench/ann_scale.py --sizes 1M --types flat,hnsw,ivfpq
   python bench/ann_scale.py --sizes 10M --types flat,ivfpq --single 50
+  python bench/ann_scale.py --sizes 1M --types "ivfsq;IVF2048_HNSW32,PQ128np"   # ';' when factories have ','
 
 Not a timed test: numbers depend on the machine; run it on a quiet one.
 """
@@ -159,7 +160,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M", help="comma-separated, e.g. 1M,10M")
-    ap.add_argument("--types", default="flat,hnsw,ivfpq", help="auto, flat, hnsw, ivfpq or factory strings")
+    ap.add_argument("--types", default="flat,hnsw,ivfpq",
+                    help="auto, flat, hnsw, ivfsq, ivfpq or factory strings; separated by ';' if any holds a ','")
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall and batch QPS")
     ap.add_argument("--single", type=int, default=200, help="one-at-a-time queries for p50/p99")
     ap.add_argument("--memory-budget", default=None, help="as for `crossmodal index` (default: half of RAM)")
@@ -181,7 +183,7 @@ def main() -> None:
         t0 = time.perf_counter()
         _, truth = exact_search(data, q, 10)
         print(f"exact top-10 of {len(q)} queries in {time.perf_counter() - t0:.0f} s", flush=True)
-        for kind in args.types.split(","):
+        for kind in args.types.split(";" if ";" in args.types else ","):
             print(f"-- {n:,} {kind}", flush=True)
             rows.append(run_type(kind.strip(), data, ids, q, truth, budget, args.single))
             print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -114,7 +114,7 @@ PrecisionOpt = Annotated[str, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 KOpt = Annotated[int, typer.Option("-k", "--top-k", min=1, max=100_000, help="Number of results.")]
 IndexTypeOpt = Annotated[str | None, typer.Option(
-    "--index-type", help="auto | flat | hnsw | ivfpq | a faiss factory string (kept for later runs).")]
+    "--index-type", help="auto | flat | hnsw | ivfsq | ivfpq | a faiss factory string (kept for later runs).")]
 MemoryBudgetOpt = Annotated[str | None, typer.Option(
     "--memory-budget", help="RAM the vector index may use, e.g. 4G (auto: half the machine's memory).")]
 BackendOpt = Annotated[str, typer.Option(
@@ -303,6 +303,8 @@ def reindex(
     Examples:
 
       crossmodal reindex --index-type hnsw
+
+      crossmodal reindex --index-type ivfsq
 
       crossmodal reindex --index-type ivfpq --memory-budget 2G
 

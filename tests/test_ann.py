@@ -53,8 +53,11 @@ def test_auto_chooses_by_size_and_budget() -> None:
     assert ann.resolve("auto", 500_000, 512, 8 * gb) == "HNSW32"
     small = ann.resolve("auto", 500_000, 512, 200 * 1024 ** 2)  # HNSW would need ~1.1 GB
     assert small.startswith("IVF") and small.endswith("np") and ",PQ" in small
-    big = ann.resolve("auto", 10_000_000, 512, 16 * gb)
-    assert ann.family(big) == "ivf" and "_HNSW32" in big
+    big = ann.resolve("auto", 10_000_000, 512, 16 * gb)  # 8-bit codes (5.2 GB) fit: most faithful
+    assert big == f"IVF{ann.nlist_for(10_000_000)}_HNSW32,SQ8" and ann.family(big) == "ivf"
+    tight = ann.resolve("auto", 10_000_000, 512, 4 * gb)  # they do not: PQ codes
+    assert tight.startswith(f"IVF{ann.nlist_for(10_000_000)}_HNSW32,PQ") and tight.endswith("np")
+    assert ann.resolve("ivfsq", 50_000, 512, None).endswith(",SQ8")
     assert ann.nlist_for(10_000_000) >= 4096
     assert ann.resolve("ivfpq", 500, 512, None) == "Flat"  # too few vectors to train: exact meanwhile
     assert ann.resolve("hnsw", 500, 512, None) == "Flat"
@@ -82,7 +85,7 @@ def test_pq_code_size_follows_budget() -> None:
 
 
 # ---- tuned recall, against numpy brute force ------------------------------------------------------
-@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivfpq", "ivfsq", "hnsw"])
 def test_tuned_setting_reaches_recall(tmp_path: Path, kind: str) -> None:
     x = clustered(4000)
     ids = np.asarray(make_store(tmp_path, x))
@@ -97,6 +100,67 @@ def test_tuned_setting_reaches_recall(tmp_path: Path, kind: str) -> None:
         assert st.ann["image"] is not None
         _, found = st.search("image", q, 10)
     assert ann.recall_at(found, brute(ids, x, q, 10)) >= 0.9
+
+
+def test_hnsw_coarse_quantizer_follows_nprobe() -> None:
+    """An IVF index with an HNSW quantizer probes the same lists an exact quantizer would.
+
+    Oracle: the same centroids and inverted lists behind an exact (flat) quantizer. With faiss's default
+    efSearch of 16 the graph misses near lists and only ~15% of these result rows matched.
+    """
+    import faiss
+
+    dim, n, nlist = 64, 20_000, 1024
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n + 200, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x, q = x[:n], x[n:]
+    inner = faiss.index_factory(dim, f"IVF{nlist}_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    inner.cp.min_points_per_centroid, inner.cp.niter = 1, 5
+    inner.train(x)
+    index = faiss.IndexIDMap(inner)
+    index.add_with_ids(x, np.arange(n, dtype=np.int64))
+    assert ann.hnsw_quantizer(index) and not ann.hnsw_quantizer(faiss.IndexIDMap(faiss.IndexFlatIP(dim)))
+    oracle = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    oracle.quantizer.add(inner.quantizer.reconstruct_n(0, nlist))
+    oracle.is_trained = True
+    oracle.replace_invlists(inner.invlists, False)
+    _, found = ann.ann_search(index, q, 10, "nprobe", 128, 1, None, lambda ids: x[ids])
+    _, expected = oracle.search(q, 10, params=faiss.SearchParametersIVF(nprobe=128))
+    assert np.mean(np.all(found == expected, axis=1)) >= 0.97
+
+
+def test_tuning_wants_confidence_and_takes_the_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample mean just over 0.95 is not enough; among settings that clear it, the fastest wins."""
+    nq, k = 400, 10
+    truth = np.arange(nq * k, dtype=np.int64).reshape(nq, k)
+    recall = {(1, 1): 0.80, (2, 1): 0.90, (4, 1): 0.951, (8, 1): 0.99,
+              (1, 4): 0.93, (2, 4): 0.97, (4, 4): 0.99, (8, 4): 0.995}
+    clock = [0.0]
+    calls: list[tuple[int, int]] = []
+
+    def fake_search(index, q, k_, param, value, refine, exclude, vectors):
+        calls.append((value, refine))
+        clock[0] += value * (1 + 0.05 * refine)  # cost grows with the knob and the re-score factor
+        m = recall.get((value, refine), 0.93)
+        full = int(round((2 * m - 1) * nq))  # rows with all 10 right, the rest with 5 of 10
+        found = truth.copy()
+        found[full:, 5:] = -7
+        return None, found
+
+    monkeypatch.setattr(ann, "knob_of", lambda index: ("nprobe", (1, 2, 4, 8, 16)))
+    monkeypatch.setattr(ann, "ann_search", fake_search)
+    monkeypatch.setattr(ann.time, "perf_counter", lambda: clock[0])
+    qids = np.arange(10 ** 8, 10 ** 8 + nq, dtype=np.int64)
+    state = ann.tune(None, ann.AnnState(factory="IVF16,PQ8"), qids, np.zeros((nq, 4), np.float32),
+                     lambda q, kk: (None, np.pad(truth, ((0, 0), (0, kk - k)), constant_values=-1)),
+                     lambda ids: None)
+    # (4, x1) has mean 0.951 but its lower bound is below 0.95; (8, x1) and (2, x4) clear it.
+    assert (state.value, state.refine) == (2, 4) and state.recall == pytest.approx(0.97, abs=0.003)
+    assert (4, 1) in calls and (8, 4) not in calls  # x4 only tried settings cheaper than (8, x1)
+    hits = ann.recall_rows(truth[:, :k], truth)
+    assert ann.recall_lower_bound(hits) == 1.0
+    assert ann.recall_lower_bound(np.array([1.0, 0.5] * 50)) < 0.75
 
 
 def test_knob_override_and_exact(tmp_path: Path) -> None:

@@ -68,6 +68,13 @@ def test_auto_chooses_by_size_and_budget() -> None:
         ann.check_factory("IDMap,Flat", 64)
 
 
+def test_ivf_rebuilds_when_codes_change_not_when_lists_drift() -> None:
+    sq = ann.AnnState(factory="IVF1024_HNSW32,SQ8", gen=1, built_n=300_000)
+    assert not ann.needs_rebuild(sq, "IVF2048_HNSW32,SQ8", 400_000, 0, True)  # list count drift alone
+    assert ann.needs_rebuild(sq, "IVF2048_HNSW32,PQ64np", 400_000, 0, True)  # budget now needs PQ codes
+    assert ann.needs_rebuild(sq, "IVF2048_HNSW32,SQ8", 1_300_000, 0, True)  # outgrew its training 4x
+
+
 def test_memory_budget_parsing() -> None:
     assert ann.parse_budget("4G") == 4 * 1024 ** 3
     assert ann.parse_budget("512m") == 512 * 1024 ** 2

@@ -145,6 +145,12 @@ def family(factory: str) -> str:
     return "other"
 
 
+def codes(factory: str) -> str:
+    """The encoding part of a factory string ("SQ8" in IVF4096_HNSW32,SQ8): when auto's choice of codes
+    changes with the collection (the budget no longer holds 8-bit codes), the index is rebuilt."""
+    return factory.split(",", 1)[1].upper() if "," in factory else ""
+
+
 def resolve(requested: str, n: int, dim: int, budget: int | None) -> str:
     """The faiss factory string a request means for a collection of n vectors (Flat: exact search)."""
     budget = budget or default_budget()
@@ -190,7 +196,7 @@ def needs_rebuild(state: AnnState, target: str, n: int, dead: int, healthy: bool
     if not state.active or not healthy:
         return True
     if target != state.factory and (family(target) != family(state.factory)
-                                    or family(target) in ("hnsw", "other")):
+                                    or family(target) in ("hnsw", "other") or codes(target) != codes(state.factory)):
         return True  # an IVF whose list count drifts with n is only retrained on growth (below)
     if dead > DEAD_REBUILD * max(n + dead, 1):
         return True

@@ -148,7 +148,7 @@ def test_tuning_wants_confidence_and_takes_the_fastest(monkeypatch: pytest.Monke
 
     def fake_search(index, q, k_, param, value, refine, exclude, vectors):
         calls.append((value, refine))
-        clock[0] += value * (1 + 0.05 * refine)  # cost grows with the knob and the re-score factor
+        clock[0] += value * (1 + 0.5 * refine)  # cost grows with the knob and the re-score factor
         m = recall.get((value, refine), 0.93)
         full = int(round((2 * m - 1) * nq))  # rows with all 10 right, the rest with 5 of 10
         found = truth.copy()
@@ -165,6 +165,8 @@ def test_tuning_wants_confidence_and_takes_the_fastest(monkeypatch: pytest.Monke
     # (4, x1) has mean 0.951 but its lower bound is below 0.95; (8, x1) and (2, x4) clear it.
     assert (state.value, state.refine) == (2, 4) and state.recall == pytest.approx(0.97, abs=0.003)
     assert (4, 1) in calls and (8, 4) not in calls  # x4 only tried settings cheaper than (8, x1)
+    # x16 at the smallest knob is already slower than (2, x4): neither it nor x64 goes further.
+    assert (1, 16) in calls and (2, 16) not in calls and not [c for c in calls if c[1] == 64]
     hits = ann.recall_rows(truth[:, :k], truth)
     assert ann.recall_lower_bound(hits) == 1.0
     assert ann.recall_lower_bound(np.array([1.0, 0.5] * 50)) < 0.75

@@ -371,7 +371,8 @@ def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
     them out too, so both answer "the k nearest of the indexed items" for queries new to the index.
     For each re-score factor the knob climbs until recall clears the target with 95% confidence (or
     stops improving); a larger factor only tries knob values below the smallest that already cleared
-    it, and the fastest measured pair wins. With none clearing it, the best recall reached is kept.
+    it, and the fastest measured pair wins; a search already slower than a passing one ends its factor
+    (and, at the smallest knob, the larger factors). With none clearing it, the best recall reached is kept.
     """
     param, ladder = knob_of(index)
     if not len(qids) or param is None:
@@ -396,6 +397,9 @@ def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
             if r >= target and recall_lower_bound(hits) >= target:
                 passed.append((ms, value, refine, r))
                 limit = i
+                break
+            if passed and ms >= min(passed)[0]:
+                limit = 0 if i == 0 else limit  # already slower than a passing setting; so is all beyond
                 break
             if r - previous < 0.002 and (passed or refine != refines[-1]):
                 break  # a wider search no longer helps at this refine factor: re-score more candidates

@@ -250,9 +250,13 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
         if log:
             log(f"trained {factory} on {len(train_rows)} vectors in {time.perf_counter() - t0:.1f} s")
     index = faiss.IndexIDMap(inner)
+    t0 = time.perf_counter()
     _add(index, ids, vectors, np.sort(rest))
+    t1 = time.perf_counter()
     tuned = tune(index, replace(state, factory=factory, built_n=n), ids[tune_rows],
                  np.ascontiguousarray(vectors[tune_rows], dtype=np.float32), exact_search, exact_vectors)
+    if log:
+        log(f"added {len(rest)} vectors in {t1 - t0:.1f} s; tuned in {time.perf_counter() - t1:.1f} s")
     _add(index, ids, vectors, tune_rows)
     return index, tuned
 

@@ -261,17 +261,27 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
     return index, tuned
 
 
+def _inner(index):
+    """The index inside an id map (or the index itself), as its concrete faiss class."""
+    faiss = _faiss()
+    return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+
+
+def _ivf_of(index):
+    """The IVF part of an (id-mapped) index, or None."""
+    return _faiss().try_extract_index_ivf(_inner(index))
+
+
 def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
     """The search-time setting an index has, and the values tuning tries (cheapest first)."""
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
-    ivf = faiss.try_extract_index_ivf(inner)
+    ivf = _ivf_of(index)
     if ivf is not None:
         # Powers of two and the 1.5x steps between them: a tuned nprobe overshoots by at most 1.5x.
         steps = sorted({v for i in range(int(math.log2(ivf.nlist)) + 1) for v in (2 ** i, 3 * 2 ** i // 2)})
         ladder = tuple(v for v in steps if v < ivf.nlist) + (ivf.nlist,)
         return "nprobe", ladder
-    if isinstance(inner, faiss.IndexHNSW):
+    if isinstance(_inner(index), faiss.IndexHNSW):
         return "efSearch", EF_LADDER
     return None, ()
 
@@ -279,8 +289,7 @@ def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
 def hnsw_quantizer(index) -> bool:
     """Whether an (id-mapped) IVF index assigns lists with an HNSW graph (IVF<n>_HNSW<m>,...)."""
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
-    ivf = faiss.try_extract_index_ivf(inner)
+    ivf = _ivf_of(index)
     return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
 
 
@@ -398,7 +407,7 @@ def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
             r = float(hits.mean())
             if best is None or r > best[0]:
                 best = (r, value, refine, ms)
-            if r >= target and recall_lower_bound(hits) >= target:
+            if recall_lower_bound(hits) >= target:  # the bound is never above the mean
                 passed.append((ms, value, refine, r))
                 limit = i
                 break

@@ -12,7 +12,12 @@ PRETRAINED ?= laion2b_s34b_b79k
 DEMO       ?= .demo
 DEMO_UI    ?= 1
 
-.PHONY: venv test demo lint bench clean
+# make test runs the suite twice, with the CPU features faked (CROSSMODAL_CPU_FLAGS) as an AVX2-only CPU and
+# as one with fast bf16, so the fp32 and the bf16 paths are both tested on whatever CPU runs it.
+CPU_AVX2 := avx2 fma
+CPU_BF16 := avx2 fma avx512f avx512_bf16 amx_bf16
+
+.PHONY: venv test test-fast demo lint bench clean
 
 venv: $(STAMP)
 
@@ -23,10 +28,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	CROSSMODAL_CPU_FLAGS="$(CPU_AVX2)" $(PY) -m pytest -q
+	CROSSMODAL_CPU_FLAGS="$(CPU_BF16)" $(PY) -m pytest -q
+
+# The inner loop: no slow tests, real CPU features.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)
 	$(PY) demo/fetch_photos.py $(DEMO)/photos

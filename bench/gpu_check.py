@@ -156,7 +156,7 @@ def bench_nvjpeg(datas: list[bytes], batch: int) -> float:
 
 
 def bench_decode(datas: list[bytes], probes: list, pre, batch: int) -> float:
-    from retrieval.gpu_decode import decode_jpegs
+    from retrieval.media.gpu_decode import decode_jpegs
 
     decode_jpegs(datas[:batch], probes[:batch], pre, DEVICE)
     _sync()
@@ -220,8 +220,8 @@ def closeness(datas: list[bytes], probes: list, encoder) -> dict:
     import numpy as np
 
     from indexer.gpu_stream import stack_pixels
-    from retrieval.gpu_decode import decode_jpegs
-    from retrieval.imageio import decode_for_model
+    from retrieval.media.decode import decode_for_model
+    from retrieval.media.gpu_decode import decode_jpegs
 
     gpu_px = decode_jpegs(datas, probes, encoder.preprocess, DEVICE)
     cpu_px = [decode_for_model(d, encoder.preprocess).pixels for d in datas]
@@ -237,7 +237,7 @@ def bench_search(n: int, dim: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
 
-    from retrieval.gpu import TorchFlatIndex
+    from bench.gpu_search import TorchFlatIndex
 
     def clustered(count: int):
         """Unit vectors around n/1000 centres (noise about as long as the centre): CLIP-like neighbourhoods."""
@@ -283,8 +283,8 @@ def load_model(workdir: Path):
     import open_clip
     import torch
 
-    from retrieval.config import ModelSpec
-    from retrieval.encoder import load_encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
 
     ckpt = workdir / "vit-b-32-seed0.pt"
     if not ckpt.is_file():
@@ -319,7 +319,7 @@ def main() -> int:
     global DEVICE
     DEVICE = args.device
 
-    from retrieval.gpu import cuda_available
+    from retrieval.hardware import cuda_available
 
     if DEVICE == "cpu":
         args.n_small, args.n_large, args.vectors = 48, 24, 20_000  # smoke run of this script's logic
@@ -332,10 +332,11 @@ def main() -> int:
     if args.quick:
         args.n_small, args.n_large, args.vectors = 2048, 512, 200_000
 
+    from bench.gpu_search import faiss_gpu_reason
     from indexer.gpu_stream import default_gpu_workers
     from retrieval.config import DEFAULT_CUDA_BATCH_SIZE
-    from retrieval.gpu import cuda_description, faiss_gpu_reason, nvjpeg_available
-    from retrieval.gpu_decode import probe_jpeg
+    from retrieval.hardware import cuda_description, nvjpeg_available
+    from retrieval.media.gpu_decode import probe_jpeg
 
     batch = args.batch or DEFAULT_CUDA_BATCH_SIZE
     workers = default_gpu_workers() if args.workers is None else args.workers

@@ -4,7 +4,7 @@
 A benchmark, not a test. Per tier of photos (small ~0.3 MP, medium ~2 MP, large 12 MP) it measures:
 
   decode    decode_stream (indexer/decode.py) over the files, default worker count and 0 (in-process)
-  model     Encoder.encode_pixels on pre-decoded uint8 batches, fp32 and bf16 (where it runs)
+  model     TorchEncoder.encode_pixels on pre-decoded uint8 batches, fp32 and bf16 (where it runs)
   e2e       index_paths into a fresh temporary Store home, opened and bound as `crossmodal index` does
   naive     one process: Image.open().convert('RGB') at full size, open_clip's own preprocess, fp32
 
@@ -233,7 +233,7 @@ def time_model(encoder, pixels, batch_size: int, max_batches: int | None = None)
 
 def time_e2e(encoder, files: list[str], batch_size: int, workers: int | None, thumbnails: bool) -> dict:
     from indexer.pipeline import index_paths
-    from retrieval.session import checkpoint_stat
+    from retrieval.model.recorded import checkpoint_stat
     from retrieval.store import Store
 
     with tempfile.TemporaryDirectory(prefix="cm-bench-") as home:
@@ -273,10 +273,10 @@ def time_naive(model, preprocess, files: list[str], batch_size: int) -> dict:
 
 
 def with_precision(encoder, precision: str):
-    """The same loaded model run at another precision, through the real Encoder code path."""
-    from retrieval.encoder import Encoder
+    """The same loaded model run at another precision, through the real TorchEncoder code path."""
+    from retrieval.model.torch_encoder import TorchEncoder
 
-    return Encoder(encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device, precision,
+    return TorchEncoder(encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device, precision,
                    encoder.fingerprint)
 
 
@@ -369,8 +369,9 @@ def run(args, src: str, digest: str) -> int:
     import torch
 
     from indexer.pipeline import default_workers, index_paths
-    from retrieval.config import DEFAULT_BATCH_SIZE, ModelSpec
-    from retrieval.encoder import load_encoder
+    from retrieval.config import DEFAULT_BATCH_SIZE
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
 
     bs = args.batch_size or DEFAULT_BATCH_SIZE
     thumbs = not args.no_thumbnails and supports(index_paths, "thumbnails")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def has_current_export(home: Path) -> bool:
-    from retrieval.onnx_encoder import EXPORT_VERSION
+    from retrieval.model.onnx_encoder import EXPORT_VERSION
 
     for meta in (home / "onnx").glob("*/export.json"):
         try:
@@ -44,11 +44,11 @@ def build(home: Path, checkpoint: Path, photos: Path, n: int, captions: int) -> 
     """The bench index: real model file and JPEGs, random vectors, plus the ONNX export."""
     import numpy as np
 
-    from retrieval.config import ModelSpec
-    from retrieval.encoder import load_encoder
-    from retrieval.imageio import sha256_hex
-    from retrieval.onnx_export import ensure_export
-    from retrieval.session import checkpoint_stat
+    from retrieval.fsutil import sha256_hex
+    from retrieval.model.onnx_export import ensure_export
+    from retrieval.model.recorded import checkpoint_stat
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
     from retrieval.store import ImageRecord, Store, TextRecord
 
     if not checkpoint.is_file():
@@ -155,7 +155,7 @@ def main() -> None:
     for b in backends:
         found = sorted({h for k, h in heavy.items() if k.startswith(f"{b}, ")})
         print(f"heavy modules imported ({b}): {' | '.join(found)}")
-    from retrieval.onnx_encoder import EXPORT_VERSION
+    from retrieval.model.onnx_encoder import EXPORT_VERSION
 
     meta = next(m for p in (a.home / "onnx").glob("*/export.json")
                 if (m := json.loads(p.read_text())).get("version") == EXPORT_VERSION)

@@ -61,13 +61,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from indexer.pipeline import index_paths
     from indexer.texts import add_corpus
-    from retrieval.config import ModelSpec
-    from retrieval.encoder import load_encoder
-    from retrieval.imageio import decode_for_model
-    from retrieval.rerank import Reranker
-    from retrieval.search import Searcher
+    from retrieval.media.decode import decode_for_model
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
+    from retrieval.query.search import Searcher
+    from retrieval.rerank.reranker import Reranker
+    from retrieval.rerank.token_cache import TokenCache
     from retrieval.store import Store
-    from retrieval.token_cache import TokenCache
     from tests.conftest import _pattern
 
     ckpt = ensure_checkpoint(args.model, Path(args.checkpoint))

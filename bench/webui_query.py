@@ -56,9 +56,9 @@ def make_checkpoint(path: Path, model: str) -> Path:
 
 def build(home: Path, photos: Path, n: int, model: str, pretrained: str) -> None:
     """N catalog rows (symlinks to real photos) with random unit vectors, plus 1,000 captions."""
-    from retrieval.config import ModelSpec
-    from retrieval.encoder import load_encoder
-    from retrieval.session import checkpoint_stat
+    from retrieval.model.recorded import checkpoint_stat
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
     from retrieval.store import ImageRecord, Store, TextRecord
 
     sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))

@@ -1,6 +1,6 @@
 """Decoding in worker processes: bounded look-ahead, one failure per file, never a crashed run.
 
-Workers import only Pillow and numpy (through retrieval.imageio), so they start fast and stay small.
+Workers import only Pillow and numpy (through retrieval.media.decode), so they start fast and stay small.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from indexer.scan import FileEntry
 from retrieval.errors import DecodeError
-from retrieval.imageio import PhotoMeta, Preprocess, decode_for_model, is_raw_name, sha256_hex
-from retrieval.thumbnails import write_thumb
-
-from .scan import FileEntry
+from retrieval.fsutil import sha256_hex
+from retrieval.media.decode import Preprocess, decode_for_model, is_raw_name
+from retrieval.media.photo_meta import PhotoMeta
+from retrieval.media.thumbnails import write_thumb
 
 
 @dataclass(frozen=True)

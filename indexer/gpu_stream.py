@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from indexer.decode import Decoded, Failed, decode_data, decode_entry, decode_stream
+from indexer.scan import FileEntry
 from retrieval.config import MAX_IMAGE_PIXELS
-from retrieval.gpu_decode import DEFAULT_BATCH_PIXELS, JpegProbe, decode_jpegs, probe_jpeg
-from retrieval.imageio import Preprocess, is_raw_name, sha256_hex, usable_cores
-from retrieval.thumbnails import write_thumb
-
-from .decode import Decoded, Failed, decode_data, decode_entry, decode_stream
-from .scan import FileEntry
+from retrieval.fsutil import sha256_hex
+from retrieval.hardware import usable_cores
+from retrieval.media.decode import Preprocess, is_raw_name
+from retrieval.media.gpu_decode import DEFAULT_BATCH_PIXELS, JpegProbe, decode_jpegs, probe_jpeg
+from retrieval.media.thumbnails import write_thumb
 
 PROBE_CHUNK = 16  # files per worker task: probing is fast, so IPC is amortised over several
 
@@ -240,6 +241,6 @@ def wants_gpu_decode(device: str, requested: bool | None) -> bool:
         return requested
     if device != "cuda":
         return False
-    from retrieval.gpu import nvjpeg_available
+    from retrieval.hardware import nvjpeg_available
 
     return nvjpeg_available()

@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval import token_cache
+from indexer.decode import Decoded, Failed, decode_stream
+from indexer.gpu_stream import default_gpu_workers, gpu_decode_stream, stack_pixels, wants_gpu_decode
+from indexer.scan import FileEntry, plan, scan
 from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
-from retrieval.encoder import Encoder
-from retrieval.imageio import sha256_file, usable_cores
+from retrieval.fsutil import sha256_file
+from retrieval.hardware import usable_cores
+from retrieval.media.thumbnails import prune_thumbs
+from retrieval.model.protocol import Encoder
+from retrieval.rerank import token_cache
 from retrieval.store import ImageRecord, Store
-from retrieval.thumbnails import prune_thumbs
-
-from .decode import Decoded, Failed, decode_stream
-from .gpu_stream import default_gpu_workers, gpu_decode_stream, stack_pixels, wants_gpu_decode
-from .scan import FileEntry, plan, scan
 
 ProgressFn = Callable[[int, int], None]
 
@@ -171,9 +171,7 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
         else:
             vectors = encoder.encode_pixels(pixels)
         records = [ImageRecord(path=d.entry.path, sha256=d.sha256, bytes=d.entry.size, mtime=d.entry.mtime,
-                               width=d.width, height=d.height, taken_at=d.meta.taken_at,
-                               camera_make=d.meta.camera_make, camera_model=d.meta.camera_model,
-                               gps_lat=d.meta.gps_lat, gps_lon=d.meta.gps_lon) for d in batch]
+                               width=d.width, height=d.height, meta=d.meta) for d in batch]
         committer.add(records, vectors, [replaces[d.entry.path] for d in batch])
         batch.clear()
 
@@ -226,7 +224,7 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
 def compact_tokens(store: Store, min_dead: int = 64) -> int:
     """Drop rerank-token entries of images no longer indexed once they are a quarter of the cache or more
     (a rewrite is O(cache), so it is not done for every deletion). Returns how many entries went."""
-    from retrieval.token_cache import TokenCache, compact
+    from retrieval.rerank.token_cache import TokenCache, compact
 
     fp = store.fingerprint
     if fp is None:

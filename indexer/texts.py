@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval import token_cache
-from retrieval.encoder import Encoder
 from retrieval.errors import CorpusError
-from retrieval.imageio import read_bytes
+from retrieval.fsutil import read_bytes
+from retrieval.model.protocol import Encoder
+from retrieval.query.vocab import BUILTIN_CORPUS
+from retrieval.rerank import token_cache
 from retrieval.store import Store, TextRecord
-from retrieval.vocab import BUILTIN_CORPUS
 
 FORMATS = (".txt", ".csv", ".tsv", ".jsonl")
 _DEFAULT_KEYS = ("caption", "text", "sentence", "alt", "alt_text")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -23,20 +22,6 @@ IMAGE_EXTENSIONS = frozenset(
 # Thumbnails written while indexing (short side, pixels): for the page and for reranking.
 THUMB_SIZE = 256
 HOME_ENV = "CROSSMODAL_HOME"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which open_clip model to run and how; `pretrained` is a published tag or a local checkpoint path."""
-
-    name: str = DEFAULT_MODEL
-    pretrained: str = DEFAULT_PRETRAINED
-    device: str = "auto"
-    precision: str = "auto"
-
-    def pretrained_is_file(self) -> bool:
-        """A value naming an existing file (or containing a path separator) is a local checkpoint."""
-        return os.sep in self.pretrained or Path(self.pretrained).expanduser().is_file()
 
 
 def default_home() -> Path:

@@ -49,3 +49,11 @@ class CorpusError(UserError):
 
 class SchemaTooNew(UserError):
     """The catalog was written by a newer crossmodal than this one."""
+
+
+class TokensUnsupported(UserError):
+    """The model has no token features the reranker can use (not an open_clip ViT CLIP)."""
+
+
+class ExportUnsupported(CrossmodalError):
+    """The model's towers or tokenizer are not of a kind the ONNX exporter handles (queries stay on torch)."""

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.encoder import Fingerprint
 from retrieval.errors import UserError
+from retrieval.model.spec import Fingerprint
 from retrieval.store import Store, ann
-from retrieval.store.store import ImageRecord, QueryOptions
-
-from .conftest import ROOT, run_cli
+from retrieval.store.records import ImageRecord, QueryOptions
+from tests.helpers import ROOT, run_cli
 
 DIM = 64
 
@@ -259,7 +258,7 @@ def test_failed_commit_keeps_the_committed_ann(tmp_path: Path, monkeypatch: pyte
     with Store.open(tmp_path, writable=True) as st:
         st.set_index_type("hnsw")
         state = st.ann_state["image"]
-        from retrieval.store import store as store_mod
+        from retrieval.store import writes as store_mod  # where the commit's meta rows are made
 
         def boom(*a, **k):
             raise OSError("disk full")
@@ -290,6 +289,8 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_memory_mapped_open_keeps_vectors_out_of_ram(tmp_path: Path) -> None:
     n, dim = 48_000, 512  # a 98 MB vector file
@@ -317,6 +318,8 @@ def test_writers_never_map(tmp_path: Path) -> None:
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_reindex_and_search_knobs(tmp_path: Path, built_index: Path, encoder) -> None:
     home = tmp_path / "home"
     shutil.copytree(built_index, home, ignore=shutil.ignore_patterns("*.lock"))

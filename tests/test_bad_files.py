@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from indexer.pipeline import index_paths
-from retrieval.imageio import Preprocess, decode_for_model
+from retrieval.media.decode import Preprocess, decode_for_model
 from retrieval.store import ImageFilter, Store
-from tests.conftest import _pattern, exif_rotated_jpeg
+from tests.helpers import exif_rotated_jpeg, pattern
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -43,7 +43,7 @@ def jpeg_with_exif(path, seed, make=None, model=None, when=None, gps=None):
         g = exif.get_ifd(0x8825)
         g[1], g[2] = ("N" if lat >= 0 else "S"), (abs(lat), 0.0, 0.0)
         g[3], g[4] = ("E" if lon >= 0 else "W"), (abs(lon), 0.0, 0.0)
-    _pattern(seed, (90, 70)).save(path, "JPEG", exif=exif.tobytes())
+    pattern(seed, (90, 70)).save(path, "JPEG", exif=exif.tobytes())
     return path
 
 
@@ -58,7 +58,7 @@ def build_zoo(root):
         expect_skip[str(root / name)] = reason
 
     buf = io.BytesIO()
-    _pattern(1, (200, 150)).save(buf, "JPEG")
+    pattern(1, (200, 150)).save(buf, "JPEG")
     (root / "truncated.jpg").write_bytes(buf.getvalue()[:900])
     skip("truncated.jpg", "truncated")
     (root / "zero.jpg").write_bytes(b"")
@@ -69,21 +69,21 @@ def build_zoo(root):
     skip("bomb.png", "too large")
     Image.new("RGB", (12000, 4), (200, 10, 10)).save(root / "wide.png")  # huge dimension, small file
     ok("wide.png")
-    _pattern(2, (64, 48)).convert("CMYK").save(root / "cmyk.jpg", "JPEG")
+    pattern(2, (64, 48)).convert("CMYK").save(root / "cmyk.jpg", "JPEG")
     ok("cmyk.jpg")
     Image.fromarray(np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)).save(root / "deep.png")
     ok("deep.png")
-    pal = _pattern(3, (64, 48)).convert("P", palette=Image.ADAPTIVE)
+    pal = pattern(3, (64, 48)).convert("P", palette=Image.ADAPTIVE)
     pal.save(root / "palette.png", transparency=0)
     ok("palette.png")
-    frames = [_pattern(s, (40, 40)) for s in (4, 5, 6)]
+    frames = [pattern(s, (40, 40)) for s in (4, 5, 6)]
     frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     ok("anim.gif")
     frames[0].save(root / "anim.webp", save_all=True, append_images=frames[1:], duration=50)
     ok("anim.webp")
     exif_rotated_jpeg(root / "rotated.jpg")
     ok("rotated.jpg")
-    _pattern(7, (50, 50)).save(root / "locked.jpg")
+    pattern(7, (50, 50)).save(root / "locked.jpg")
     os.chmod(root / "locked.jpg", 0)
     if os.geteuid() == 0:
         ok("locked.jpg")  # root reads anything: indexed correctly
@@ -96,11 +96,11 @@ def build_zoo(root):
     skip("loop1.jpg", "cannot stat")
     skip("loop2.jpg", "cannot stat")
     (root / "album.jpg").mkdir()  # a folder named like an image
-    _pattern(8, (50, 40)).save(root / "album.jpg" / "inside.png")
+    pattern(8, (50, 40)).save(root / "album.jpg" / "inside.png")
     ok("album.jpg/inside.png")
     raw_name = os.fsencode(str(root)) + b"/caf\xe9.jpg"  # Latin-1 bytes: not valid UTF-8
     with open(raw_name, "wb") as f:
-        _pattern(9, (40, 40)).save(f, "JPEG")
+        pattern(9, (40, 40)).save(f, "JPEG")
     return expect_ok, expect_skip
 
 
@@ -129,8 +129,8 @@ def test_heic_and_avif(tmp_path, encoder):
     register_heif_opener()
     lib = tmp_path / "fmt"
     lib.mkdir()
-    _pattern(20, (96, 64)).save(lib / "phone.heic", quality=80)
-    _pattern(21, (96, 64)).save(lib / "web.avif", quality=80)
+    pattern(20, (96, 64)).save(lib / "phone.heic", quality=80)
+    pattern(21, (96, 64)).save(lib / "web.avif", quality=80)
     with Store.open(tmp_path / "home", create=True, writable=True) as store:
         store.bind_model(encoder.fingerprint)
         r = index_paths(store, encoder, [str(lib)], workers=0)
@@ -171,7 +171,7 @@ def test_exif_metadata_and_camera_filter(tmp_path, encoder):
 def test_raw_uses_embedded_preview(monkeypatch):
     """rawpy path: a large embedded JPEG preview is used as is; a tiny one triggers a half-size develop."""
     preview = io.BytesIO()
-    _pattern(40, (400, 300)).save(preview, "JPEG")
+    pattern(40, (400, 300)).save(preview, "JPEG")
     calls = {"postprocess": 0}
 
     class FakeRaw:
@@ -193,7 +193,7 @@ def test_raw_uses_embedded_preview(monkeypatch):
             return np.full((300, 400, 3), 128, np.uint8)
 
     small = io.BytesIO()
-    _pattern(41, (64, 48)).save(small, "JPEG")
+    pattern(41, (64, 48)).save(small, "JPEG")
     fake = types.SimpleNamespace(
         imread=lambda f: FakeRaw(preview.getvalue() if f.getvalue() == b"big" else small.getvalue()),
         ThumbFormat=types.SimpleNamespace(JPEG="jpeg", BITMAP="bitmap"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval.store import Store
-from tests.conftest import BAD, GOOD, TEST_MODEL, make_checkpoint, run_cli
+from tests.helpers import BAD, GOOD, TEST_MODEL, make_checkpoint, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,8 @@ def user_error(r, *needles: str):
     return lines[0]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_index_json_and_skips(cli_home, photos):
     _, report = cli_home
     assert report["added"] == GOOD
@@ -48,6 +50,8 @@ def test_index_json_and_skips(cli_home, photos):
     assert report["images_per_second"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_reindex_adds_nothing(cli_home, photos):
     home, _ = cli_home
     r = ok(run_cli("index", str(photos["root"]), "--json", home=home))
@@ -55,6 +59,8 @@ def test_reindex_adds_nothing(cli_home, photos):
     assert report["added"] == 0 and report["updated"] == 0 and report["unchanged"] == GOOD
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_rotated_image_stored_upright(cli_home, photos):
     home, _ = cli_home
     with Store.open(home) as s:
@@ -64,6 +70,8 @@ def test_rotated_image_stored_upright(cli_home, photos):
     assert (rot.width, rot.height) == (80, 120) and rot.taken_at == "2021-06-15T10:30:00"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_add_texts_every_format(cli_home, tmp_path):
     home, _ = cli_home
     (tmp_path / "caps.txt").write_text("a red square\na blue circle\na red square\n")
@@ -91,6 +99,8 @@ def _oracle(home: Path, modality: str, q: np.ndarray, k: int) -> list[int]:
     return ids[np.argsort(-(vecs @ q), kind="stable")[:k]].tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_search_json_matches_oracle(cli_home, encoder, photos):
     home, _ = cli_home
     r = ok(run_cli("search", "a dog running on a beach", "-k", "4", "--json", "--no-rerank", home=home))
@@ -119,6 +129,8 @@ def test_search_json_matches_oracle(cli_home, encoder, photos):
     assert "rank" in table and "score" in table and str(photos["root"]) in table
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_caption(cli_home, encoder, photos, tmp_path):
     home, _ = cli_home
     r = ok(run_cli("caption", str(photos["img02"]), "-k", "3", "--json", "--no-rerank", home=home))
@@ -129,6 +141,8 @@ def test_caption(cli_home, encoder, photos, tmp_path):
         assert [h["id"] for h in hits] == _oracle(home, "text", q, 3)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_caption_without_corpus_uses_builtin_vocabulary(checkpoint, photos, tmp_path):
     home = tmp_path / "h"
     ok(run_cli("index", str(photos["img01"]), "--model", TEST_MODEL, "--pretrained", str(checkpoint),
@@ -140,6 +154,8 @@ def test_caption_without_corpus_uses_builtin_vocabulary(checkpoint, photos, tmp_
     assert list((home / "vocab").glob("imagenet-*.npz"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_user_errors_exit_2_with_one_line(cli_home, photos, tmp_path, checkpoint):
     home, _ = cli_home
     user_error(run_cli("index", str(tmp_path / "missing"), home=home), "no such file or folder")
@@ -156,6 +172,8 @@ def test_user_errors_exit_2_with_one_line(cli_home, photos, tmp_path, checkpoint
     user_error(run_cli("search", "x", home=empty), "no images indexed")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_model_mismatch_refused(cli_home, photos, tmp_path, checkpoint):
     home, _ = cli_home
     other = make_checkpoint(tmp_path / "other.pt", seed=1)
@@ -169,6 +187,7 @@ def test_model_mismatch_refused(cli_home, photos, tmp_path, checkpoint):
     ok(run_cli("search", "x", "--pretrained", str(copy), "-k", "1", home=home))
 
 
+@pytest.mark.subprocess
 def test_no_weights_offline(tmp_path, photos):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
            "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
@@ -177,6 +196,7 @@ def test_no_weights_offline(tmp_path, photos):
     assert "cannot be reached" in line
 
 
+@pytest.mark.subprocess
 def test_help_has_examples():
     r = ok(run_cli("--help"))
     assert "crossmodal index" in r.stdout
@@ -185,6 +205,8 @@ def test_help_has_examples():
         assert "Example" in out, cmd
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_filters_remove_and_skipped_from_the_cli(cli_home, photos, tmp_path, checkpoint):
     home, _ = cli_home
     r = ok(run_cli("search", "x", "--under", str(photos["root"] / "sub"), "-k", "20", "--json", home=home))

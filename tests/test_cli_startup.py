@@ -4,28 +4,24 @@ rich for --json output, while bad values still get Typer's own messages."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnxruntime")
 
-from tests.conftest import ROOT, run_cli  # noqa: E402
-from tests.onnx_fixtures import *  # noqa: E402, F403
+from tests.helpers import run_cli  # noqa: E402
 
 
 def _imported(*args: str, home: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CROSSMODAL_HOME", "CROSSMODAL_BACKEND")}
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "indexer.cli", "--home", str(home), *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    r = run_cli(*args, home=home, python_flags=("-X", "importtime"), drop_env=("CROSSMODAL_BACKEND",))
     assert r.returncode == 0, r.stderr[-2000:]
     return {ln.rsplit("|", 1)[1].strip().split(".")[0] for ln in r.stderr.splitlines()
             if ln.startswith("import time:")}, r
 
 
+@pytest.mark.subprocess
 def test_json_queries_import_neither_pydantic_nor_rich(home: Path, photos) -> None:
     for args in (["search", "red circles", "-k", "3", "--weight", "0.3", "--not", "blue", "--not", "green",
                   "--rerank-k", "5", "--json"],
@@ -38,6 +34,7 @@ def test_json_queries_import_neither_pydantic_nor_rich(home: Path, photos) -> No
         assert json.loads(r.stdout) or args[0] == "search"
 
 
+@pytest.mark.subprocess
 def test_onnx_queries_import_no_sqlalchemy(home: Path, photos) -> None:
     """A read-only store reads its catalog with the stdlib sqlite3 (retrieval/store/reader.py): importing
     SQLAlchemy alone would cost 0.3-0.4 s of the 1 s `search --no-rerank` budget."""
@@ -55,6 +52,7 @@ def test_onnx_queries_import_no_sqlalchemy(home: Path, photos) -> None:
         assert r.stdout.strip() or args[0] == "search", args
 
 
+@pytest.mark.subprocess
 def test_bad_values_get_typers_messages(home: Path) -> None:
     for args, message in ((["-k", "0"], "greater than or equal to 1"), (["-k", "2x"], "valid integer"),
                           (["--weight", "1.5"], "less than or equal to 1"), (["--weight", "nan"], "--weight"),
@@ -63,6 +61,7 @@ def test_bad_values_get_typers_messages(home: Path) -> None:
         assert r.returncode == 2 and "Invalid value" in r.stderr and message in r.stderr, (args, r.stderr)
 
 
+@pytest.mark.subprocess
 def test_values_convert_like_typer(home: Path) -> None:
     """Edge forms that are valid for Typer stay valid, with the same results."""
     a = run_cli("search", "red circles", "-k", "+3", "--weight", "1e-1", "--json", "--no-rerank", home=home)

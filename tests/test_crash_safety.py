@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,24 +14,20 @@ import pytest
 
 from indexer.pipeline import index_paths
 from retrieval.store import Store
-from tests.conftest import ROOT, TEST_MODEL, _pattern, run_cli
+from tests.helpers import TEST_MODEL, pattern, run_cli, start_cli
 
 
 def _library(root: Path, n: int) -> Path:
     root.mkdir(parents=True)
     for i in range(n):
-        _pattern(500 + i, (96, 72)).save(root / f"k{i:03d}.png")
+        pattern(500 + i, (96, 72)).save(root / f"k{i:03d}.png")
     return root
 
 
 def _start_index(home: Path, lib: Path, checkpoint: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "indexer.cli", "--home", str(home), "index", str(lib), "--model", TEST_MODEL,
-           "--pretrained", str(checkpoint), "--batch-size", "2", "--commit-every", "2", "--workers", "1",
-           "--quiet", *extra]
-    env = dict(os.environ)
-    env.pop("CROSSMODAL_HOME", None)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return start_cli("index", str(lib), "--model", TEST_MODEL, "--pretrained", str(checkpoint), "--batch-size", "2",
+                     "--commit-every", "2", "--workers", "1", "--quiet", *extra, home=home,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _generation(home: Path) -> int:
@@ -62,6 +57,8 @@ def _by_path(home: Path) -> dict[str, np.ndarray]:
         return {p: by_id[v[0]] for p, v in s.image_files().items()}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kill_at_random_moments_then_finish(tmp_path, checkpoint, encoder):
     total = 96
     lib = _library(tmp_path / "lib", total)
@@ -106,6 +103,8 @@ def _committed_safe(home: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lock_queries_during_indexing_and_stale_lock(tmp_path, checkpoint):
     lib = _library(tmp_path / "lib", 40)
     home = tmp_path / "home"

@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.config import ModelSpec
-from retrieval.encoder import (
-    encode_text_trimmed,
-    fingerprint_for,
-    load_encoder,
-    resolve_device,
-    resolve_precision,
-)
 from retrieval.errors import ModelUnavailable, UserError
-from tests.conftest import TEST_MODEL
+from retrieval.model.spec import ModelSpec, fingerprint_for, resolve_device, resolve_precision
+from retrieval.model.torch_encoder import encode_text_trimmed, load_encoder
+from tests.helpers import TEST_MODEL
 
 
 def test_vectors_are_unit_float32(encoder):
@@ -52,13 +46,15 @@ def test_bf16_agrees_with_fp32(checkpoint, encoder):
 
 
 def test_precision_auto(monkeypatch):
-    import retrieval.encoder as enc
-
     assert resolve_precision("auto", "cuda") == "fp16"
-    monkeypatch.setattr(enc, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setenv("CROSSMODAL_CPU_FLAGS", "avx2 avx512f avx512_bf16")
     assert resolve_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(enc, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu", purpose="query") == "fp32"  # one query: bf16 buys nothing
+    monkeypatch.setenv("CROSSMODAL_CPU_FLAGS", "amx_bf16,amx_tile")
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv("CROSSMODAL_CPU_FLAGS", "avx2,fma")
     assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda", purpose="query") == "fp16"
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(UserError):
         resolve_precision("fp16", "cpu")

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from retrieval.errors import DecodeError
-from retrieval.imageio import Preprocess, decode_for_model, load_image, prepare
-from tests.conftest import _pattern, exif_rotated_jpeg
+from retrieval.media.decode import Preprocess, decode_for_model, load_image, prepare
+from tests.helpers import exif_rotated_jpeg, pattern
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -33,7 +33,7 @@ def test_prepare_matches_open_clip_transform():
     _, _, transform = open_clip.create_model_and_transforms("ViT-S-32")
     pre = Preprocess()
     for size in [(300, 200), (200, 300), (224, 224), (390, 100)]:
-        img = _pattern(sum(size), size)
+        img = pattern(sum(size), size)
         ours = torch.from_numpy(prepare(img, pre)).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(pre.mean).view(3, 1, 1)
         std = torch.tensor(pre.std).view(3, 1, 1)
@@ -49,7 +49,7 @@ def test_panorama_is_center_cropped_without_blowing_up():
 
     _, _, transform = open_clip.create_model_and_transforms("ViT-S-32")
     pre = Preprocess()
-    img = _pattern(11, (1400, 100))
+    img = pattern(11, (1400, 100))
     ours = torch.from_numpy(prepare(img, pre)).permute(2, 0, 1).float() / 255.0
     ours = (ours - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
     assert (ours - transform(img)).abs().mean() < 0.02  # same center, only edge resampling differs
@@ -62,7 +62,7 @@ def test_panorama_is_center_cropped_without_blowing_up():
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "CMYK", "P", "I;16", "1"])
 def test_odd_modes_become_rgb(mode):
-    base = _pattern(3, (50, 40))
+    base = pattern(3, (50, 40))
     if mode == "I;16":
         img = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
         fmt = "PNG"
@@ -94,7 +94,7 @@ def test_bad_bytes_raise_decode_error(data):
 
 
 def test_truncated_jpeg_raises():
-    data = _bytes(_pattern(1, (200, 200)), "JPEG")
+    data = _bytes(pattern(1, (200, 200)), "JPEG")
     with pytest.raises(DecodeError):
         decode_for_model(data[: len(data) // 2], Preprocess())
 
@@ -106,7 +106,7 @@ def test_pixel_cap_refuses_before_decoding():
 
 
 def test_jpeg_draft_keeps_enough_resolution():
-    data = _bytes(_pattern(5, (2000, 1500)), "JPEG")
+    data = _bytes(pattern(5, (2000, 1500)), "JPEG")
     img, w, h, _ = load_image(data, target=224)
     assert (w, h) == (2000, 1500)
     assert min(img.size) >= 224 and img.size[0] < 2000
@@ -114,7 +114,7 @@ def test_jpeg_draft_keeps_enough_resolution():
 
 def test_index_and_query_decode_identically():
     """An indexed photo used as a query must reproduce its own pixels (same draft target either way)."""
-    data = _bytes(_pattern(12, (600, 500)), "JPEG")
+    data = _bytes(pattern(12, (600, 500)), "JPEG")
     indexed = decode_for_model(data, Preprocess(), thumbnail=True)
     queried = decode_for_model(data, Preprocess())
     assert np.array_equal(indexed.pixels, queried.pixels)
@@ -125,7 +125,7 @@ def test_thumbnail_write_failure_keeps_the_image(tmp_path):
     from indexer.scan import FileEntry
 
     p = tmp_path / "a.jpg"
-    _pattern(13, (80, 60)).save(p)
+    pattern(13, (80, 60)).save(p)
     home = tmp_path / "home-is-a-file"
     home.write_text("not a folder")
     res = decode_entry(FileEntry(str(p), p.stat().st_size, p.stat().st_mtime), Preprocess(), str(home))

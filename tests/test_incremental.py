@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from indexer.pipeline import index_paths, remove_paths
+from retrieval.media.thumbnails import thumb_path
 from retrieval.store import Store
-from retrieval.thumbnails import thumb_path
-from tests.conftest import _pattern
+from tests.helpers import pattern
 
 
 def _library(root, n=8):
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     for i in range(n):
-        _pattern(100 + i, (80, 60)).save(root / ("a" if i % 2 else "b") / f"p{i}.jpg", quality=90)
+        pattern(100 + i, (80, 60)).save(root / ("a" if i % 2 else "b") / f"p{i}.jpg", quality=90)
     return root
 
 
@@ -59,9 +59,9 @@ def test_move_rename_delete_change(indexed, encoder):
     os.rename(lib / "a" / "p1.jpg", lib / "a" / "renamed.jpg")  # rename
     shutil.move(str(lib / "b"), str(lib / "c"))  # a whole folder moves
     (lib / "a" / "p3.jpg").unlink()  # deleted
-    _pattern(999, (80, 60)).save(lib / "a" / "p5.jpg", quality=90)  # changed in place
+    pattern(999, (80, 60)).save(lib / "a" / "p5.jpg", quality=90)  # changed in place
     os.utime(lib / "a" / "p5.jpg", (1e9, 1e9))
-    _pattern(1000, (80, 60)).save(lib / "a" / "new.jpg")  # brand new
+    pattern(1000, (80, 60)).save(lib / "a" / "new.jpg")  # brand new
     r = index_paths(store, encoder, [str(lib)], workers=0)
     assert (r.added, r.updated, r.moved, r.removed, r.unchanged) == (1, 1, 5, 1, 1)
     after = _state(store)
@@ -116,7 +116,7 @@ def test_remove_folder(indexed):
 
 def test_token_cache_compacted_when_a_quarter_is_dead(indexed, encoder):
     from indexer.pipeline import compact_tokens
-    from retrieval.token_cache import TokenCache
+    from retrieval.rerank.token_cache import TokenCache
 
     lib, store = indexed
     cache = TokenCache.open(store.home, store.fingerprint, "image")

@@ -14,8 +14,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from retrieval.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, unsupported_marker  # noqa: E402
-from tests.onnx_fixtures import *  # noqa: E402, F403
+from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, unsupported_marker  # noqa: E402
 
 TEXTS = ["", "a dog", "a dog running on a beach at sunset with friends", "Café crème, 東京 🐶 &amp; more",
          " ".join(f"word{i}" for i in range(150)), "x"]
@@ -89,7 +88,7 @@ def test_pixels_normalised_like_torch(encoder, onnx_encoder) -> None:
 def test_zero_shot_metadata_copied(onnx_encoder) -> None:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 
-    from retrieval.vocab import _zero_shot
+    from retrieval.query.vocab import _zero_shot
 
     names, templates = _zero_shot(onnx_encoder)
     assert names == list(IMAGENET_CLASSNAMES)
@@ -109,7 +108,7 @@ def test_key_changes_with_the_model(encoder) -> None:
 def test_failed_export_leaves_nothing_and_says_one_line(encoder, tmp_path, monkeypatch) -> None:
     import torch
 
-    import retrieval.onnx_export as ox
+    import retrieval.model.onnx_export as ox
 
     def fake_export(_module, _args, path, **_k):
         Path(path).write_bytes(b"half an export")
@@ -127,12 +126,12 @@ def test_failed_export_leaves_nothing_and_says_one_line(encoder, tmp_path, monke
 
 
 def test_unsupported_model_is_marked_once(encoder, tmp_path, monkeypatch) -> None:
-    import retrieval.onnx_export as ox
+    import retrieval.model.onnx_export as ox
 
     def unsupported(_model):
         raise ox.ExportUnsupported("no exportable text tower (test)")
 
-    monkeypatch.setattr(ox, "_check_model", unsupported)
+    monkeypatch.setattr(ox, "check_exportable", unsupported)
     lines: list[str] = []
     assert ox.ensure_export(encoder, tmp_path, lines.append) is None
     assert len(lines) == 1 and "no exportable text tower" in lines[0]
@@ -141,7 +140,7 @@ def test_unsupported_model_is_marked_once(encoder, tmp_path, monkeypatch) -> Non
 
 
 def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_path, monkeypatch) -> None:
-    import retrieval.onnx_export as ox
+    import retrieval.model.onnx_export as ox
 
     target = export_dir(tmp_path, encoder.fingerprint)
     shutil.copytree(exported, target)
@@ -165,8 +164,9 @@ def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_pat
     assert [p.name for p in export_root(tmp_path).iterdir()] == [target.name]
 
 
+@pytest.mark.subprocess
 def test_folders_of_killed_exporters_are_swept(encoder, tmp_path) -> None:
-    import retrieval.onnx_export as ox
+    import retrieval.model.onnx_export as ox
 
     root = export_root(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

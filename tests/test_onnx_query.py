@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -13,27 +12,26 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from retrieval.encoder import Encoder  # noqa: E402
-from retrieval.onnx_encoder import OnnxEncoder, export_dir, unsupported_marker  # noqa: E402
-from retrieval.session import open_searcher  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
-from tests.onnx_fixtures import *  # noqa: E402, F403
+from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, unsupported_marker  # noqa: E402
+from retrieval.model.torch_encoder import TorchEncoder  # noqa: E402
+from retrieval.query.open import open_index  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
 
 # These compare dense results with torch's; reranked queries on ONNX are tested in test_onnx_rerank.py.
-DENSE = ["--no-rerank"] if importlib.util.find_spec("indexer.cli_rerank") else []
+DENSE = ["--no-rerank"]
 QUERIES = ["a dog running on a beach", "red circles", "caption number 3 about colours", "日本の夜 🌃", ""]
 
 
 @pytest.fixture(scope="module")
 def onnx_searcher(home: Path, first_query):
-    s = open_searcher(home, device="cpu", backend="auto")
+    s = open_index(home, device="cpu", backend="auto")
     yield s
     s.store.close()
 
 
 @pytest.fixture(scope="module")
 def torch_searcher(home: Path, first_query):
-    s = open_searcher(home, device="cpu", precision="fp32", backend="torch")
+    s = open_index(home, device="cpu", precision="fp32", backend="torch")
     yield s
     s.store.close()
 
@@ -44,14 +42,14 @@ def ids(hits) -> list[int]:
 
 def test_first_query_runs_on_torch_and_exports(first_query, home: Path) -> None:
     searcher, lines = first_query
-    assert isinstance(searcher.encoder, Encoder)
+    assert isinstance(searcher.encoder, TorchEncoder)
     assert len(lines) == 1 and "no ONNX export" in lines[0] and "torch" in lines[0]
     assert (export_dir(home, searcher.store.fingerprint) / "export.json").is_file()
 
 
 def test_auto_picks_onnx_when_exported(onnx_searcher, torch_searcher) -> None:
     assert isinstance(onnx_searcher.encoder, OnnxEncoder)
-    assert isinstance(torch_searcher.encoder, Encoder)
+    assert isinstance(torch_searcher.encoder, TorchEncoder)
     enc = onnx_searcher.encoder
     assert (enc.dim, enc.fingerprint, enc.device, enc.precision) == (384, torch_searcher.encoder.fingerprint,
                                                                      "cpu", "fp32")
@@ -83,7 +81,7 @@ def test_builtin_vocabulary_equal_and_cached_with_texts(onnx_searcher, torch_sea
     """A reduced vocabulary (the full one is 18,000 prompts) embedded on both backends, then cached."""
     import open_clip.zero_shot_metadata as zsm
 
-    import retrieval.vocab as vocab
+    import retrieval.query.vocab as vocab
 
     names, templates = zsm.IMAGENET_CLASSNAMES[:40], zsm.SIMPLE_IMAGENET_TEMPLATES[:3]
     monkeypatch.setattr(zsm, "IMAGENET_CLASSNAMES", names)
@@ -110,10 +108,11 @@ def _heavy(stderr: str) -> str:
     return found[0].split("heavy imports:", 1)[1].strip()
 
 
+@pytest.mark.subprocess
 def test_cli_queries_import_no_torch(home: Path, onnx_searcher, torch_searcher, photos, monkeypatch) -> None:
     import open_clip.zero_shot_metadata as zsm
 
-    import retrieval.vocab as vocab
+    import retrieval.query.vocab as vocab
 
     env = {"CROSSMODAL_DEBUG_IMPORTS": "1"}
     r = run_cli("search", "a dog running on a beach", "-k", "5", "--json", *DENSE, home=home, env=env)
@@ -146,6 +145,8 @@ def test_cli_queries_import_no_torch(home: Path, onnx_searcher, torch_searcher, 
     assert r.returncode == 0 and _heavy(r.stderr) == "none", r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_backend_option_gives_equal_results(home: Path, first_query) -> None:
     args = ("search", "red circles", "--not", "people", "-k", "6", "--json", *DENSE)
     env = {"CROSSMODAL_DEBUG_IMPORTS": "1"}
@@ -162,9 +163,9 @@ def test_missing_onnxruntime_falls_back_with_one_line(home: Path, onnx_searcher,
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     lines: list[str] = []
-    s = open_searcher(home, device="cpu", notify=lines.append)
+    s = open_index(home, device="cpu", notify=lines.append)
     try:
-        assert isinstance(s.encoder, Encoder)
+        assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "onnxruntime is not available" in lines[0] and "torch" in lines[0]
         for text in QUERIES[:3]:
             assert ids(s.search_images(s.query_vector(text=text), 8)) == \
@@ -172,7 +173,7 @@ def test_missing_onnxruntime_falls_back_with_one_line(home: Path, onnx_searcher,
     finally:
         s.store.close()
     with pytest.raises(UserError, match="onnxruntime"):
-        open_searcher(home, device="cpu", backend="onnx")
+        open_index(home, device="cpu", backend="onnx")
 
 
 def test_unsupported_model_stays_on_torch(built_index: Path, tmp_path, encoder) -> None:
@@ -182,9 +183,9 @@ def test_unsupported_model_stays_on_torch(built_index: Path, tmp_path, encoder) 
     marker.parent.mkdir(parents=True)
     marker.write_text("no exportable text tower (test)\n")
     lines: list[str] = []
-    s = open_searcher(home, device="cpu", notify=lines.append)
+    s = open_index(home, device="cpu", notify=lines.append)
     try:
-        assert isinstance(s.encoder, Encoder)
+        assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "no exportable text tower (test)" in lines[0]
         assert not export_dir(home, encoder.fingerprint).exists()
     finally:

@@ -14,23 +14,15 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from retrieval.coattention import NumpyCoAttention  # noqa: E402
-from retrieval.encoder import Encoder  # noqa: E402
-from retrieval.imageio import decode_for_model  # noqa: E402
-from retrieval.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, older_exports  # noqa: E402
-from retrieval.rerank import (  # noqa: E402
-    PARAMS,
-    CoAttentionScorer,
-    Reranker,
-    caption,
-    load_params,
-    load_scorer,
-    save_params,
-    search_images,
-)
-from retrieval.session import open_searcher  # noqa: E402
-from tests.conftest import GOOD, run_cli  # noqa: E402
-from tests.onnx_fixtures import *  # noqa: E402, F403
+from retrieval.media.decode import decode_for_model  # noqa: E402
+from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, older_exports  # noqa: E402
+from retrieval.model.torch_encoder import TorchEncoder  # noqa: E402
+from retrieval.query.open import open_index  # noqa: E402
+from retrieval.rerank.params import load_scorer
+from retrieval.rerank.reranker import Reranker
+from retrieval.rerank.scorer import PARAMS, NumpyCoAttention  # noqa: E402
+from tests.helpers import GOOD, run_cli  # noqa: E402
+from training.torch_scorer import CoAttentionScorer, load_params, save_params
 
 TEXTS = ["", "a dog", "a dog running on a beach at sunset with friends", "Café crème, 東京 🐶 &amp; more",
          " ".join(f"word{i}" for i in range(150)), "x"]
@@ -130,9 +122,9 @@ def test_numpy_scorer_equals_the_torch_module(learned: bool, tmp_path) -> None:
 def _reranked(searcher, text: str | None = None, image: bytes | None = None, corpus: str | None = None):
     rr = Reranker.open(searcher)
     if image is not None:
-        hits = caption(searcher, rr, image, 10, corpus, rerank_k=10)
+        hits = rr.caption(image, 10, corpus, rerank_k=10)
     else:
-        hits = search_images(searcher, rr, rr.query_vector(text=text), text, GOOD, rerank_k=GOOD)
+        hits = rr.search_images(searcher.embed_query(text=text, with_tokens=True), GOOD, rerank_k=GOOD)
     return rr, hits
 
 
@@ -145,10 +137,10 @@ def test_reranked_results_equal_the_torch_path(home: Path, tmp_path, photos, enc
         shutil.copytree(home, homes[backend])
         if cache == "no token cache":
             shutil.rmtree(homes[backend] / "tokens")
-    on = open_searcher(homes["onnx"], device="cpu", backend="onnx")
-    tc = open_searcher(homes["torch"], device="cpu", precision="fp32", backend="torch")
+    on = open_index(homes["onnx"], device="cpu", backend="onnx")
+    tc = open_index(homes["torch"], device="cpu", precision="fp32", backend="torch")
     try:
-        assert isinstance(on.encoder, OnnxEncoder) and isinstance(tc.encoder, Encoder)
+        assert isinstance(on.encoder, OnnxEncoder) and isinstance(tc.encoder, TorchEncoder)
         changed = 0
         for i, text in enumerate(QUERIES):
             rr_o, a = _reranked(on, text=text)
@@ -176,6 +168,8 @@ def _heavy(stderr: str) -> str:
     return found[0].split("heavy imports:", 1)[1].strip()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_reranked_cli_queries_import_no_torch(home: Path, photos, encoder) -> None:
     env = {"CROSSMODAL_DEBUG_IMPORTS": "1", "CROSSMODAL_BACKEND": "auto"}
     text = "a dog running on a beach"
@@ -190,25 +184,20 @@ def test_reranked_cli_queries_import_no_torch(home: Path, photos, encoder) -> No
 
     r = run_cli("caption", str(photos["img02"]), "--corpus", "alpha", "-k", "8", "--json", home=home, env=env)
     assert r.returncode == 0 and _heavy(r.stderr) == "none", r.stderr
-    tc = open_searcher(home, device="cpu", precision="fp32", backend="torch")
+    tc = open_index(home, device="cpu", precision="fp32", backend="torch")
     try:
         rr = Reranker.open(tc)
-        want = caption(tc, rr, photos["img02"].read_bytes(), 8, "alpha")
+        want = rr.caption(photos["img02"].read_bytes(), 8, "alpha")
     finally:
         tc.store.close()
     assert [h["id"] for h in json.loads(r.stdout)] == [h.id for h in want]
 
 
+@pytest.mark.subprocess
 def test_importtime_shows_no_torch(home: Path) -> None:
     """Independent of the CLI's own report: the interpreter's import log of a reranked query."""
-    import subprocess
-
-    from tests.conftest import ROOT
-
-    cmd = [sys.executable, "-X", "importtime", "-m", "indexer.cli", "--home", str(home), "search", "red circles",
-           "-k", "5", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={k: v for k, v in __import__("os").environ.items() if k != "CROSSMODAL_BACKEND"})
+    r = run_cli("search", "red circles", "-k", "5", "--json", home=home, python_flags=("-X", "importtime"),
+                drop_env=("CROSSMODAL_BACKEND",))
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     assert "numpy" in imported and "onnxruntime" in imported  # the log is real
@@ -216,6 +205,7 @@ def test_importtime_shows_no_torch(home: Path) -> None:
 
 
 # ---- fallbacks --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_older_export_is_replaced_with_one_line_and_equal_results(home: Path, tmp_path, encoder) -> None:
     """A version-1 export (no token outputs) is never read: the first query says so, runs on torch, and
     re-exports; the old folder goes."""
@@ -231,15 +221,15 @@ def test_older_export_is_replaced_with_one_line_and_equal_results(home: Path, tm
     (old / "export.json").write_text(json.dumps(meta))
     assert older_exports(copy, fp) == [old]
     lines: list[str] = []
-    s = open_searcher(copy, device="cpu", notify=lines.append)
+    s = open_index(copy, device="cpu", notify=lines.append)
     try:
-        assert isinstance(s.encoder, Encoder)
+        assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "older" in lines[0] and "torch" in lines[0] and "re-export" in lines[0]
         assert not old.exists() and OnnxEncoder.open(copy, fp).has_tokens
         _, first = _reranked(s, text=QUERIES[0])
     finally:
         s.store.close()
-    s = open_searcher(copy, device="cpu", notify=lines.append)
+    s = open_index(copy, device="cpu", notify=lines.append)
     try:
         assert isinstance(s.encoder, OnnxEncoder) and len(lines) == 1
         _, again = _reranked(s, text=QUERIES[0])
@@ -249,7 +239,7 @@ def test_older_export_is_replaced_with_one_line_and_equal_results(home: Path, tm
 
 
 def test_missing_onnxruntime_reranks_on_torch_with_one_line(home: Path, monkeypatch, photos) -> None:
-    on = open_searcher(home, device="cpu", backend="onnx")
+    on = open_index(home, device="cpu", backend="onnx")
     try:
         want = [[h.id for h in _reranked(on, text=t)[1]] for t in QUERIES]
         want_caption = [h.id for h in _reranked(on, image=photos["img05"].read_bytes())[1]]
@@ -257,9 +247,9 @@ def test_missing_onnxruntime_reranks_on_torch_with_one_line(home: Path, monkeypa
         on.store.close()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     lines: list[str] = []
-    s = open_searcher(home, device="cpu", notify=lines.append)
+    s = open_index(home, device="cpu", notify=lines.append)
     try:
-        assert isinstance(s.encoder, Encoder)
+        assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "onnxruntime is not available" in lines[0] and "torch" in lines[0]
         assert [[h.id for h in _reranked(s, text=t)[1]] for t in QUERIES] == want
         assert [h.id for h in _reranked(s, image=photos["img05"].read_bytes())[1]] == want_caption
@@ -267,6 +257,7 @@ def test_missing_onnxruntime_reranks_on_torch_with_one_line(home: Path, monkeypa
         s.store.close()
 
 
+@pytest.mark.subprocess
 def test_export_without_token_outputs_reranks_like_an_unsupported_model(home: Path, tmp_path, encoder) -> None:
     """An export whose model has no token features says why; the CLI shows dense results with one note."""
     copy = tmp_path / "h"

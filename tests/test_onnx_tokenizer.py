@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from retrieval.tokenizer import BpeTokenizer, read_merges
+from retrieval.model.bpe import BpeTokenizer, read_merges
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -7,12 +7,20 @@ import shutil
 import numpy as np
 import pytest
 
-from retrieval.encoder import Fingerprint
-from retrieval.rerank import Reranker, caption, mark_dense, search_images
-from retrieval.search import Searcher
+from retrieval.model.spec import Fingerprint
+from retrieval.query.search import QueryVector, Searcher
+from retrieval.rerank.reranker import Reranker
+from retrieval.rerank.token_cache import (
+    TokenCache,
+    TokenCacheWriter,
+    cache_dir,
+    compact,
+    dequantize,
+    quantize,
+    text_key,
+)
 from retrieval.store import Store
-from retrieval.token_cache import TokenCache, TokenCacheWriter, cache_dir, compact, dequantize, quantize, text_key
-from tests.conftest import GOOD
+from tests.helpers import GOOD
 
 FP = Fingerprint(model="M", pretrained="p", weights="sha256:x", dim=8)
 
@@ -53,7 +61,7 @@ def test_writer_reader_segments_and_compaction(tmp_path):
 
 
 def test_index_writes_the_token_cache(built_index, encoder, photos):
-    from retrieval.imageio import decode_for_model
+    from retrieval.media.decode import decode_for_model
 
     with Store.open(built_index) as store:
         shas = store.image_shas([i for i, *_ in store.image_files().values()])
@@ -81,10 +89,10 @@ def _searcher(home, encoder):
 def test_reranker_reorders_by_the_fused_score_and_keeps_the_set(built_index, encoder):
     searcher = _searcher(built_index, encoder)
     rr = Reranker.open(searcher)
-    q = rr.query_vector(text="a dog on a beach")
-    np.testing.assert_allclose(q, searcher.query_vector(text="a dog on a beach"), atol=1e-6)
-    dense = searcher.search_images(q, GOOD)
-    hits = search_images(searcher, rr, q, "a dog on a beach", GOOD, rerank_k=32)
+    q = searcher.embed_query(text="a dog on a beach", with_tokens=True)
+    np.testing.assert_allclose(q.vector, searcher.query_vector(text="a dog on a beach"), atol=1e-6)
+    dense = searcher.search_images(q.vector, GOOD)
+    hits = rr.search_images(q, GOOD, rerank_k=32)
     assert rr.stats.cached == GOOD and rr.stats.recomputed == 0
     assert sorted(h.id for h in hits) == sorted(h.id for h in dense)
     assert [h.rank for h in hits] == list(range(1, GOOD + 1))
@@ -99,10 +107,10 @@ def test_reranker_reorders_by_the_fused_score_and_keeps_the_set(built_index, enc
     assert [h.id for h in hits] == [dense[i].id for i in np.argsort(-fused, kind="stable")]
     assert [h.score for h in hits] == pytest.approx(sorted(fused, reverse=True), abs=1e-5)
     # rerank_k smaller than k: only the head is reordered, the tail keeps its dense order
-    part = search_images(searcher, rr, q, "a dog on a beach", GOOD, rerank_k=4)
+    part = rr.search_images(q, GOOD, rerank_k=4)
     assert sorted(h.id for h in part[:4]) == sorted(h.id for h in dense[:4])
     assert [h.id for h in part[4:]] == [h.id for h in dense[4:]]
-    assert mark_dense(dense)[0].dense_rank == 1
+    assert dense[0].dense_rank == 1 and dense[0].dense_score == dense[0].score
     searcher.store.close()
 
 
@@ -112,10 +120,10 @@ def test_missing_tokens_come_from_thumbnails_once(built_index, encoder, tmp_path
     shutil.rmtree(home / "tokens")
     searcher = _searcher(home, encoder)
     rr = Reranker.open(searcher)
-    q = searcher.query_vector(text="red")
-    first = search_images(searcher, rr, q, "red", 5, rerank_k=5)
+    q = QueryVector(searcher.query_vector(text="red"), "red")
+    first = rr.search_images(q, 5, rerank_k=5)
     assert rr.stats.recomputed == 5 and rr.stats.cached == 0
-    again = search_images(searcher, Reranker.open(searcher), q, "red", 5, rerank_k=5)
+    again = Reranker.open(searcher).search_images(q, 5, rerank_k=5)
     assert [h.id for h in again] == [h.id for h in first]
     assert len(TokenCache.open(home, encoder.fingerprint, "image")) == 5
     searcher.store.close()
@@ -126,7 +134,7 @@ def test_caption_rerank_keeps_the_set(built_index, encoder, photos):
     rr = Reranker.open(searcher)
     data = photos["img02"].read_bytes()
     dense = searcher.caption(data, 8)
-    hits = caption(searcher, rr, data, 8, rerank_k=8)
+    hits = rr.caption(data, 8, rerank_k=8)
     assert rr.stats.cached == 8 and rr.stats.recomputed == 0
     assert sorted(h.id for h in hits) == sorted(h.id for h in dense)
     assert {h.id: h.dense_score for h in hits} == pytest.approx({h.id: h.score for h in dense}, abs=1e-6)

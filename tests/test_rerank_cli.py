@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from retrieval.store import Store
-from tests.conftest import GOOD, TEST_MODEL, run_cli
+from tests.helpers import GOOD, TEST_MODEL, run_cli
 
 TORCH = {"CROSSMODAL_BACKEND": "torch"}  # no ONNX export inside these tests: they check the reranker
 
@@ -36,6 +36,8 @@ def _oracle(home, modality: str, q: np.ndarray, k: int) -> list[int]:
     return ids[np.argsort(-(vecs @ q), kind="stable")[:k]].tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_search_reranks_by_default_and_no_rerank_is_dense(home, encoder):
     text = "a dog running on a beach"
     reranked = ok(run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=TORCH))
@@ -52,8 +54,10 @@ def test_search_reranks_by_default_and_no_rerank_is_dense(home, encoder):
     assert [h["id"] for h in reranked] != [h["id"] for h in dense]  # (seeded: the order does change)
 
 
+@pytest.mark.subprocess
 def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_path):
-    from retrieval.rerank import CoAttentionScorer, recorded_reranker, save_params
+    from retrieval.rerank.params import recorded_reranker
+    from training.torch_scorer import CoAttentionScorer, save_params
 
     torch.manual_seed(0)
     scorer = CoAttentionScorer(encoder.dim)
@@ -66,8 +70,8 @@ def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_p
     assert r["reranker"]["path"] == str(good.resolve()) and len(r["reranker"]["sha256"]) == 64
     with Store.open(home) as s:
         assert recorded_reranker(s)["path"] == str(good.resolve())
-    from retrieval.rerank import Reranker
-    from retrieval.search import Searcher
+    from retrieval.query.search import Searcher
+    from retrieval.rerank.reranker import Reranker
 
     with Store.open(home) as store:  # queries now use the learned parameters
         rr = Reranker.open(Searcher(store, encoder))
@@ -87,6 +91,8 @@ def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_p
         assert Reranker.open(Searcher(store, encoder)).scorer.identity
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_and_train_reranker_commands(checkpoint, photos, tmp_path):
     """A tiny Karpathy-layout set made of the test photos: the commands run and write what they say."""
     names = [f"img{i:02d}" for i in range(8)]
@@ -107,7 +113,8 @@ def test_eval_and_train_reranker_commands(checkpoint, photos, tmp_path):
     doc = ok(run_cli("train-reranker", str(tmp_path), "--out", str(dst), "--epochs", "2", "--json", *model,
                      home=nohome))
     assert dst.is_file() and len(doc["history"]) == 2 and "t2i_R@1" in doc["baseline"]
-    from retrieval.rerank import load_params, read_params_meta
+    from retrieval.rerank.params import read_params_meta
+    from training.torch_scorer import load_params
 
     assert read_params_meta(dst)["model"] == TEST_MODEL
     assert not load_params(dst, dim=384).identity

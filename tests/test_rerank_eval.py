@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.evaluate import Features, evaluate_features, load_pairs, recall_at_k
+from training.evaluate import Features, evaluate_features, load_pairs, recall_at_k
 
 # sim[caption, image]; captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2
 SIM = np.array([[0.9, 0.1, 0.0],

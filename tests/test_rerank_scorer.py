@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.rerank import PARAMS, CoAttentionScorer, load_params, save_params
+from retrieval.rerank.scorer import PARAMS
+from training.torch_scorer import CoAttentionScorer, load_params, save_params
 
 
 def _softmax(x: list[float]) -> list[float]:
@@ -146,7 +147,8 @@ def test_end_of_text_row_is_the_text_embedding(encoder):
 
 
 def test_other_architectures_are_refused():
-    from retrieval.tokens import TokensUnsupported, check_model
+    from retrieval.errors import TokensUnsupported
+    from retrieval.model.token_features import check_token_support
 
     class NotAViT(torch.nn.Module):
         def __init__(self):
@@ -154,4 +156,4 @@ def test_other_architectures_are_refused():
             self.visual = torch.nn.Linear(2, 2)
 
     with pytest.raises(TokensUnsupported, match="ViT-B-32"):
-        check_model(NotAViT())
+        check_token_support(NotAViT())

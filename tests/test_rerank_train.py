@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from indexer.train_reranker import TrainConfig, train
-from retrieval.evaluate import Features
+from training.evaluate import Features
+from training.train_reranker import TrainConfig, train
 
 
 def synthetic(n_img: int, seed: int, rotation: np.ndarray, d: int = 32, li: int = 8, caps: int = 2,

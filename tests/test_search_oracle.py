@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from retrieval.errors import UserError
-from retrieval.search import Searcher, combine
+from retrieval.query.search import Searcher, combine
+from retrieval.query.vocab import BUILTIN_CORPUS, builtin_vocabulary
 from retrieval.store import ImageFilter, Store
-from retrieval.vocab import BUILTIN_CORPUS, builtin_vocabulary
-from tests.conftest import GOOD
+from tests.helpers import GOOD
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,7 @@ def test_image_to_text(searcher, photos):
         searcher.caption(data, 5, corpus="gamma")
 
 
+@pytest.mark.slow
 def test_builtin_vocabulary_when_asked(searcher, photos):
     data = photos["img02"].read_bytes()
     q = searcher.query_vector(image=data)

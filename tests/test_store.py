@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from retrieval.encoder import Fingerprint
 from retrieval.errors import IndexLocked, IndexMismatch, IndexMissing, ModelMismatch, SchemaTooNew
+from retrieval.model.spec import Fingerprint
 from retrieval.store import ImageRecord, Store, TextRecord
 
 FP = Fingerprint(model="ViT-S-32", pretrained="/m.pt", weights="sha256:abc", dim=8)
@@ -65,7 +65,7 @@ def test_only_current_and_previous_generation_files_kept(tmp_path):
 def test_crash_before_catalog_commit_leaves_old_state(tmp_path, monkeypatch):
     with _new(tmp_path) as s:
         s.add_images(_records(2), _unit(2))
-        import retrieval.store.store as mod
+        import retrieval.store.writes as mod  # where the commit's meta rows are made
 
         def boom(*a, **k):
             raise OSError("disk full")

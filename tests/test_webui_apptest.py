@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.webui_fixtures import *  # noqa: F403 - the shared session fixtures
-from tests.webui_fixtures import APP, K, corrupt_jpeg, jpeg_bytes
+from tests.helpers import APP, K, corrupt_jpeg, jpeg_bytes
 
 
 @pytest.fixture(scope="module")
 def oracle(webui_home: Path):
     """The same index opened through the library, independently of the page's caches."""
-    from retrieval.session import open_searcher
+    from retrieval.query.open import open_index
 
-    s = open_searcher(webui_home, device="cpu")
+    s = open_index(webui_home, device="cpu")
     yield s
     s.store.close()
 
@@ -61,6 +60,8 @@ def ok(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sidebar_describes_the_index(webui_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = page(webui_home, monkeypatch, k=None)
     ok(at)
@@ -69,6 +70,8 @@ def test_sidebar_describes_the_index(webui_home: Path, monkeypatch: pytest.Monke
     assert "ViT-S-32" in text and "shapes (12)" in text and "Size on disk" in text
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_query_shows_a_grid_of_thumbnails(webui_home: Path, monkeypatch: pytest.MonkeyPatch, oracle) -> None:
     at = page(webui_home, monkeypatch)
     at.text_input(key="query").input("red circles").run()
@@ -83,6 +86,8 @@ def test_query_shows_a_grid_of_thumbnails(webui_home: Path, monkeypatch: pytest.
     assert all(re.search(r"\n\d{4}-\d{2}-\d{2}$", c.value) for c in at.caption if c.value.startswith("#"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_more_results_gives_the_next_ranks(webui_home: Path, monkeypatch: pytest.MonkeyPatch, oracle) -> None:
     at = page(webui_home, monkeypatch)
     at.text_input(key="query").input("a dog").run()
@@ -101,6 +106,8 @@ def test_more_results_gives_the_next_ranks(webui_home: Path, monkeypatch: pytest
     assert len(opened_ids(at, "Search")) == K
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_detail_view_more_like_this_and_captions(webui_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                  oracle) -> None:
     at = page(webui_home, monkeypatch)
@@ -125,6 +132,8 @@ def test_detail_view_more_like_this_and_captions(webui_home: Path, monkeypatch: 
     assert len(opened_ids(at, "Search")) == K and not opened_ids(at, "like")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_upload_shows_captions_and_similar_images(webui_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                   oracle) -> None:
     at = page(webui_home, monkeypatch)
@@ -139,6 +148,8 @@ def test_upload_shows_captions_and_similar_images(webui_home: Path, monkeypatch:
     assert at.image[0].captions == ["query.jpg"]  # the upload's own preview comes first
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name,data,message", [
     ("notes.jpg", b"this is not an image\n", "not an image crossmodal can read"),
     ("broken.jpg", corrupt_jpeg(), "corrupt or truncated"),
@@ -155,6 +166,8 @@ def test_bad_upload_is_a_message(webui_home: Path, monkeypatch: pytest.MonkeyPat
     assert not opened_ids(at, "Image")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_compose_upload_text_weight_not(webui_home: Path, monkeypatch: pytest.MonkeyPatch, oracle) -> None:
     at = page(webui_home, monkeypatch)
     at.radio(key="mode").set_value("Compose").run()
@@ -171,8 +184,10 @@ def test_compose_upload_text_weight_not(webui_home: Path, monkeypatch: pytest.Mo
     assert opened_ids(at, "Compose") == [h.id for h in oracle.search_images(q, K)]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_compose_from_a_selected_result(webui_home: Path, monkeypatch: pytest.MonkeyPatch, oracle) -> None:
-    from retrieval.search import combine
+    from retrieval.query.search import combine
 
     at = page(webui_home, monkeypatch)
     at.text_input(key="query").input("anything").run()
@@ -190,6 +205,8 @@ def test_compose_from_a_selected_result(webui_home: Path, monkeypatch: pytest.Mo
     assert at.file_uploader(key="compose_upload")  # back to uploading
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_folder_filter(webui_home: Path, webui_photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = page(webui_home, monkeypatch)
     folders = at.selectbox(key="folder").options
@@ -202,6 +219,8 @@ def test_folder_filter(webui_home: Path, webui_photos: Path, monkeypatch: pytest
     assert any("no more" in c.value for c in at.caption)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("after,until,expected", [
     (date(2023, 1, 1), None, ["pic06.jpg", "pic07.jpg", "pic08.jpg"]),  # file time, EXIF date wins
     (date(2021, 6, 15), date(2021, 6, 15), ["dated.jpg"]),  # 'until' includes its day
@@ -222,9 +241,11 @@ def test_date_filter(webui_home: Path, monkeypatch: pytest.MonkeyPatch, after, u
         assert "No images match these filters." in [i.value for i in at.info]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_rerank_on_by_default_reorders_the_same_candidates(webui_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                            oracle) -> None:
-    from retrieval import rerank
+    from retrieval.rerank.reranker import Reranker
 
     monkeypatch.setenv("CROSSMODAL_HOME", str(webui_home))
     at = AppTest.from_file(str(APP), default_timeout=120)
@@ -234,12 +255,14 @@ def test_rerank_on_by_default_reorders_the_same_candidates(webui_home: Path, mon
     at.text_input(key="query").input("shapes").run()
     ok(at)
     got = opened_ids(at, "Search")
-    q = oracle.query_vector(text="shapes")
-    want = [h.id for h in rerank.search_images(oracle, rerank.Reranker.open(oracle), q, "shapes", 48)]
-    dense = [h.id for h in oracle.search_images(q, 48)]
+    q = oracle.embed_query(text="shapes", with_tokens=True)
+    want = [h.id for h in Reranker.open(oracle).search_images(q, 48)]
+    dense = [h.id for h in oracle.search_images(q.vector, 48)]
     assert got == want and sorted(got) == sorted(dense)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_camera_filter(webui_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = page(webui_home, monkeypatch, k=48)
     assert at.selectbox(key="camera").options == ["All cameras", "Google Pixel 8"]
@@ -249,12 +272,14 @@ def test_camera_filter(webui_home: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert grid_names(at) == ["dated.jpg"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_grid_prefers_the_indexers_stored_thumbnail(webui_home: Path, oracle, tmp_path: Path) -> None:
     import io
 
     from PIL import Image
 
-    from retrieval.thumbnails import thumb_path
+    from retrieval.media.thumbnails import thumb_path
     from webui import services
 
     hit = oracle.search_images(oracle.query_vector(text="shapes"), 1)[0]
@@ -298,6 +323,8 @@ def test_unreadable_index_is_a_message(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(at.error) == 1 and str(home) in at.error[0].value
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_page_reloads_the_index_after_a_commit(webui_home: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.store import Store, TextRecord
@@ -325,7 +352,7 @@ def test_thumbnails_are_small_and_cached_per_file_version(tmp_path: Path) -> Non
 
     from PIL import Image
 
-    from tests.webui_fixtures import picture
+    from tests.helpers import picture
     from webui import services, thumbs
 
     p = tmp_path / "big.jpg"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,12 +18,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.webui_fixtures import *  # noqa: F403 - the shared session fixtures
-from tests.webui_fixtures import ROOT, free_port, jpeg_bytes
+from tests.helpers import free_port, jpeg_bytes, start_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs system Chromium at /usr/bin/chromium (apt-get install chromium)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason="needs system Chromium at /usr/bin/chromium (apt-get install chromium)")]
 
 START_TIMEOUT = 120
 UI_TIMEOUT_MS = 90_000
@@ -56,13 +55,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def server(webui_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("webui-server") / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("CROSSMODAL_HOME", None)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "indexer.cli", "--home", str(webui_home), "ui", "--port", str(port),
-             "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        proc = start_cli("ui", "--port", str(port), "--host", "127.0.0.1", home=webui_home, stdout=log,
+                         stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -94,6 +89,7 @@ def browser() -> Iterator[object]:
             b.close()
 
 
+@pytest.mark.subprocess
 def test_search_detail_and_upload_in_a_browser(server: str, browser, webui_photos: Path, tmp_path: Path) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(UI_TIMEOUT_MS)

@@ -19,7 +19,7 @@ import streamlit as st  # noqa: E402
 
 from retrieval.config import DEFAULT_WEIGHT, default_home  # noqa: E402
 from retrieval.errors import UserError  # noqa: E402
-from retrieval.search import Searcher  # noqa: E402
+from retrieval.query.search import Searcher  # noqa: E402
 from webui import components as ui  # noqa: E402
 from webui import services  # noqa: E402
 from webui.services import Options, Upload  # noqa: E402
@@ -141,7 +141,7 @@ def image_results(scope: str, s: Searcher, opts: Options, q: np.ndarray, pages: 
     flt = opts.image_filter()
     rr = services.reranker(s, sig) if opts.rerank and text.strip() else None
     if rr is not None:
-        hits = services.reranked_pages(s, rr, q, text, opts.k, flt, pages)
+        hits = services.reranked_pages(rr, q, text, opts.k, flt, pages)
     else:
         hits = services.image_pages(s, q, opts.k, flt, pages)
     if not hits:

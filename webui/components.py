@@ -17,9 +17,8 @@ import streamlit as st
 
 from retrieval.config import DEFAULT_WEIGHT
 from retrieval.errors import UserError
-
-from .limits import MAX_UPLOAD_MB
-from .services import Cell, Detail, Options, Summary, human_bytes
+from webui.limits import MAX_UPLOAD_MB
+from webui.services import Cell, Detail, Options, Summary, human_bytes
 
 log = logging.getLogger("crossmodal.webui")
 

@@ -1,9 +1,10 @@
 """What the page asks of the index, cached once per server process. No widgets here.
 
-The model and the store are `st.cache_resource` objects shared by every browser session. The store is
-keyed on the index signature (the recorded model plus each modality's vector generation, which every
-commit bumps), so a page reloads the index after `crossmodal index` / `add-texts` and otherwise never.
-The model is keyed on the fingerprint alone, so a re-index does not reload weights.
+The index is opened with `retrieval.query.open.open_index`, as the CLI opens it, and held as an
+`st.cache_resource` shared by every browser session. It is keyed on the index signature (the recorded model
+plus each modality's vector generation, which every commit bumps), so a page reloads the index after
+`crossmodal index` / `add-texts` and otherwise never. The encoder is handed on to the next opening of the
+same home, so a re-index does not reload a model.
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ import numpy as np
 import streamlit as st
 
 from retrieval.config import DEFAULT_WEIGHT
-from retrieval.encoder import Encoder, load_encoder
 from retrieval.errors import DecodeError, IndexMissing, UserError
-from retrieval.search import Hit, Searcher, combine
-from retrieval.session import check_encoder, requested_spec
-from retrieval.store import ImageFilter, Store
-from retrieval.store.catalog import Meta
-from retrieval.store.store import CATALOG
-from retrieval.thumbnails import thumb_path
-
-from . import thumbs
-from .limits import MAX_UPLOAD_MB
+from retrieval.media.thumbnails import thumb_path
+from retrieval.model.protocol import Encoder
+from retrieval.query import open as query_open
+from retrieval.query.search import Hit, QueryVector, Searcher
+from retrieval.rerank.reranker import DEFAULT_RERANK_K, Reranker, open_reranker
+from retrieval.store import CATALOG, ImageFilter
+from retrieval.store.sqlite_reader import SqliteReader
+from webui import thumbs
+from webui.limits import MAX_UPLOAD_MB
 
 log = logging.getLogger("crossmodal.webui")
 
@@ -128,46 +128,35 @@ def human_bytes(n: float) -> str:
 def index_signature(home: Path) -> str | None:
     """A string that changes whenever a writer commits; None when there is no catalog at all.
 
-    Read with a read-only SQLite connection so a vanished catalog is never recreated empty.
+    Read through the catalog reader, only when the catalog file exists (so none is ever created empty).
     """
     path = home / CATALOG
     if not path.is_file():
         return None
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            marks = ",".join("?" * len(SIGNATURE_KEYS))
-            rows = dict(con.execute(f"SELECT key, value FROM {Meta.__tablename__} WHERE key IN ({marks})",
-                                    SIGNATURE_KEYS).fetchall())
-        finally:
-            con.close()
+        with SqliteReader(path) as reader:
+            meta = reader.meta()
     except sqlite3.Error as e:
         # Not a catalog we can read: let Store.open produce the real message on each run.
         return f"unreadable:{e}:{path.stat().st_mtime_ns}"
+    rows = {k: meta[k] for k in SIGNATURE_KEYS if k in meta}
     return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()[:16]
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the model (once per server)…")
-def _encoder(home: str, model_json: str) -> Encoder:
-    """The recorded model, loaded once per fingerprint; `model_json` is the cache key."""
-    store = Store.open(home)
-    try:
-        spec, sha = requested_spec(store, None, None)
-    finally:
-        store.close()
-    return load_encoder(spec, checkpoint_sha=sha)
+@st.cache_resource(show_spinner=False)
+def _encoders() -> dict[str, Encoder]:
+    """The encoder last opened per home, shared by every session: a re-index reuses it (no weights reload)."""
+    return {}
 
 
 @st.cache_resource(max_entries=2, show_spinner="Opening the index…")
 def _searcher(home: str, signature: str) -> Searcher:
-    """The store at one signature, paired with the cached model. Failures are not cached."""
-    store = Store.open(home)
-    if store.fingerprint is None:
-        store.close()
-        raise IndexMissing(f"the index in {home} is empty")
-    encoder = _encoder(home, store.fingerprint.to_json())
-    check_encoder(store, encoder)
-    return Searcher(store, encoder)
+    """The index at one signature with its query encoder, opened the way the CLI opens it (open_index).
+    Failures are not cached."""
+    held = _encoders()
+    searcher = query_open.open_index(home, notify=log.info, reuse=held.get(home))
+    held[home] = searcher.encoder
+    return searcher
 
 
 def open_index(home: Path) -> Index:
@@ -199,15 +188,16 @@ def summary(_searcher: Searcher, signature: str) -> Summary:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-@st.cache_data(show_spinner=False)
 def cameras(_searcher: Searcher, signature: str) -> list[str]:
     """Cameras seen in EXIF, for the camera filter (empty when the catalog has none)."""
     return _searcher.store.cameras()
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
 def folders(_searcher: Searcher, signature: str, limit: int = 500) -> list[str]:
-    """Folders holding indexed images and their ancestors below the common root, for the folder filter."""
-    parents = {os.path.dirname(p) for p in _searcher.store.image_files()}
+    """Folders holding indexed images and their ancestors below the common root, for the folder filter
+    (cached per index signature: it reads every image's path)."""
+    parents = set(_searcher.store.image_folders())
     if not parents:
         return []
     root = os.path.commonpath(list(parents))
@@ -251,33 +241,21 @@ def query_vector(_searcher: Searcher, signature: str, text: str = "", upload_sha
                  item_id: int | None = None, weight: float = DEFAULT_WEIGHT, negatives: tuple[str, ...] = (),
                  _upload: bytes | None = None) -> np.ndarray:
     """One fused unit vector for text, an uploaded image (by sha) or an indexed image (by id, stored vector)."""
-    if item_id is None:
-        return _searcher.query_vector(text=text or None, image=_upload if upload_sha else None, weight=weight,
-                                      negatives=list(negatives))
-    texts = ([text] if text.strip() else []) + list(negatives)
-    emb = _searcher.encoder.encode_texts(texts) if texts else np.zeros((0, _searcher.encoder.dim), np.float32)
-    t = emb[0] if text.strip() else None
-    return combine(t, _searcher.store.vector("image", item_id), weight, list(emb[1:] if t is not None else emb))
+    stored = _searcher.store.vector("image", item_id) if item_id is not None else None
+    return _searcher.embed_query(text=text or None, image=_upload if upload_sha and stored is None else None,
+                                 weight=weight, negatives=list(negatives), image_vector=stored).vector
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the reranker…")
-def reranker(_searcher: Searcher, signature: str):
+def reranker(_searcher: Searcher, signature: str) -> Reranker | None:
     """The index's co-attention reranker (recorded file or parameter-free), or None where unsupported."""
-    from retrieval.rerank import Reranker
-    from retrieval.tokens import TokensUnsupported
-
-    try:
-        return Reranker.open(_searcher)
-    except TokensUnsupported:
-        return None
+    return open_reranker(_searcher, notify=log.info)
 
 
-def reranked_pages(searcher: Searcher, rr, q: np.ndarray, text: str, k: int, flt: ImageFilter | None,
-                   pages: int, rerank_k: int = 32) -> list[Hit]:
+def reranked_pages(rr: Reranker, q: np.ndarray, text: str, k: int, flt: ImageFilter | None,
+                   pages: int, rerank_k: int = DEFAULT_RERANK_K) -> list[Hit]:
     """Ranks 1 .. pages*k with the dense top `rerank_k` reordered by co-attention (same candidates)."""
-    from retrieval.rerank import search_images
-
-    return search_images(searcher, rr, q, text, pages * k, rerank_k, flt)
+    return rr.search_images(QueryVector(q, text), pages * k, flt, rerank_k)
 
 
 def image_pages(searcher: Searcher, q: np.ndarray, k: int, flt: ImageFilter | None, pages: int) -> list[Hit]:

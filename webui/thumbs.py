@@ -11,7 +11,8 @@ import os
 from PIL import Image, ImageOps
 
 from retrieval.errors import DecodeError, InputNotFound
-from retrieval.imageio import load_image, read_bytes
+from retrieval.fsutil import read_bytes
+from retrieval.media.decode import load_image
 
 THUMB_PX = 256
 PREVIEW_PX = 1024

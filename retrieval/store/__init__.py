@@ -1,7 +1,9 @@
-"""Catalog (SQLite: SQLAlchemy to write, stdlib sqlite3 to read) + vectors (FAISS) behind one facade with a
-single commit point."""
+"""Catalog (SQLite: SQLAlchemy to write, a CatalogReader on stdlib sqlite3 to read) + vectors (FAISS) behind
+one facade with a single commit point."""
 
-from .records import CATALOG, MODALITIES, ImageFilter, ImageRecord, ItemView, QueryOptions, TextRecord
-from .store import Store
+from retrieval.store.reader import CatalogReader
+from retrieval.store.records import CATALOG, MODALITIES, ImageFilter, ImageRecord, ItemView, QueryOptions, TextRecord
+from retrieval.store.store import Store
 
-__all__ = ["CATALOG", "MODALITIES", "ImageFilter", "ImageRecord", "ItemView", "QueryOptions", "Store", "TextRecord"]
+__all__ = ["CATALOG", "MODALITIES", "CatalogReader", "ImageFilter", "ImageRecord", "ItemView", "QueryOptions", "Store",
+           "TextRecord"]

@@ -9,201 +9,65 @@ Types (`--index-type`): `flat` (exact, no ANN), `hnsw` (HNSW32), `ivfsq` (IVF wi
 quantizer and 8-bit scalar codes, a byte per dimension), `ivfpq` (the same with PQ codes, 8-16x
 smaller), both re-scored exactly from the store; `auto` (by collection size and memory budget, the way
 autofaiss chooses), or any faiss factory string.
+
+This module builds, searches and tunes ANN indexes; which type a collection gets, and when to rebuild, is
+decided in ann_choice.py (its names are re-exported here, so callers read every ANN name from `ann`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from .vectors import memory_total
+from retrieval.store.ann_choice import (
+    DEAD_REBUILD,
+    FLAT,
+    FLAT_MAX,
+    HNSW_M,
+    HNSW_MAX,
+    MIN_TRAIN,
+    REGROW,
+    TARGET_RECALL,
+    TYPES,
+    AnnState,
+    check_factory,
+    codes,
+    default_budget,
+    family,
+    hnsw_bytes,
+    needs_rebuild,
+    nlist_for,
+    parse_budget,
+    pq_bytes,
+    resolve,
+    sq8_bytes,
+)
 
-TYPES = ("auto", "flat", "hnsw", "ivfsq", "ivfpq")
-FLAT = "Flat"
-FLAT_MAX = 100_000  # auto: exact search below this many vectors (a few ms per query at 512-d)
-HNSW_MAX = 2_000_000  # auto: HNSW up to this many when its graph fits the memory budget
-MIN_TRAIN = 1_000  # IVF types wait for this many vectors; exact search serves until then
-TARGET_RECALL = 0.95
+__all__ = ["TYPES", "FLAT", "FLAT_MAX", "HNSW_MAX", "MIN_TRAIN", "TARGET_RECALL", "DEAD_REBUILD", "REGROW",
+           "HNSW_M", "AnnState", "parse_budget", "default_budget", "nlist_for", "pq_bytes", "sq8_bytes",
+           "hnsw_bytes", "family", "codes", "resolve", "check_factory", "needs_rebuild", "CONFIDENCE_Z",
+           "TUNE_QUERIES", "EF_LADDER", "REFINE_LADDER", "ADD_CHUNK", "build", "knob_of", "hnsw_quantizer",
+           "search_params", "ann_search", "recall_rows", "recall_at", "recall_lower_bound", "tune"]
+
 CONFIDENCE_Z = 1.645  # tuning accepts a setting when recall's one-sided 95% lower bound clears the target
 TUNE_QUERIES = 400
-DEAD_REBUILD = 0.10  # rebuild once a tenth of the ANN entries are tombstones
-REGROW = 4  # IVF types are retrained once the collection is this many times larger than at build
-HNSW_M = 32
 EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 REFINE_LADDER = (1, 4, 16, 64)  # candidates fetched per wanted result, re-scored with exact vectors
 ADD_CHUNK = 100_000
 
 
-def _faiss():
+def _faiss() -> Any:
     import faiss
 
     return faiss
 
 
-@dataclass(frozen=True)
-class AnnState:
-    """What the catalog records about a modality's ANN index (meta key `ann.<modality>`)."""
-
-    requested: str = "auto"  # what the user asked for
-    budget: int | None = None  # memory budget in bytes the choice respected (None: the default)
-    factory: str = FLAT  # what is built; Flat means exact search only
-    gen: int = 0  # the ANN file's generation (0: none)
-    built_n: int = 0  # vectors in the store when it was built
-    param: str | None = None  # "nprobe" or "efSearch"
-    value: int | None = None  # the tuned search-time setting
-    refine: int = 1  # candidates per result re-scored exactly (1: none)
-    recall: float | None = None  # recall@10 against exact search at the tuned setting
-    query_ms: float | None = None  # mean single-query time at the tuned setting, measured while tuning
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> AnnState:
-        if not text:
-            return cls()
-        raw = json.loads(text)
-        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def active(self) -> bool:
-        return self.factory != FLAT and self.gen > 0
-
-    def describe(self) -> str:
-        if self.factory == FLAT:
-            waiting = self.requested not in ("auto", "flat")
-            return "flat (exact)" + (f"; {self.requested} waits for {MIN_TRAIN} vectors" if waiting else "")
-        knob = f", {self.param}={self.value}" if self.param else ""
-        refine = f", refine x{self.refine}" if self.refine > 1 else ""
-        recall = f", recall@10 {self.recall:.3f}" if self.recall is not None else ""
-        if self.recall is not None and self.recall < TARGET_RECALL:
-            recall += f" (best reached; below the {TARGET_RECALL} target)"
-        return f"{self.factory}{knob}{refine}{recall}"
-
-
-def parse_budget(text: str | None) -> int | None:
-    """'4G', '512M', '1.5GB' or a byte count -> bytes; None or 'auto' -> None (the default)."""
-    if text is None or text.strip().lower() in ("", "auto"):
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise UserError(f"--memory-budget '{text}' is not a size (e.g. 512M, 4G)")
-    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
-    if value < 1024 ** 2:
-        raise UserError(f"--memory-budget {text} is below 1 MB")
-    return int(value)
-
-
-def default_budget() -> int:
-    """Half of physical memory: the rest is for the model, decoding and the page cache."""
-    return memory_total() // 2
-
-
-def nlist_for(n: int) -> int:
-    """Inverted lists: a power of two near 2*sqrt(n), with >= 39 training points per list."""
-    target = 2 * math.sqrt(max(n, 1))
-    nlist = 2 ** max(4, round(math.log2(target)))
-    while nlist > 16 and nlist * 39 > n:
-        nlist //= 2
-    return min(nlist, 65536)
-
-
-def pq_bytes(dim: int, n: int, budget: int) -> int:
-    """PQ code size: the largest of dim/8, 64, 32, 16, 8 bytes that divides dim and fits the budget."""
-    for m in sorted({dim // 8, 64, 32, 16, 8}, reverse=True):
-        if 0 < m <= dim and dim % m == 0 and n * (m + 8) <= budget * 0.8:
-            return m
-    return 8 if dim % 8 == 0 else 1
-
-
-def sq8_bytes(dim: int, n: int) -> int:
-    """IVF with 8-bit scalar codes: a byte per dimension and an id per vector."""
-    return n * (dim + 8)
-
-
-def hnsw_bytes(dim: int, n: int) -> int:
-    """An HNSW32 graph with float vectors: the vectors, about 2*M links per node, and its id map."""
-    return n * (4 * dim + 2 * HNSW_M * 4 + 8 + 16)
-
-
-def family(factory: str) -> str:
-    """flat / hnsw / ivf / other: which rebuild rules and search knobs apply."""
-    f = factory.upper()
-    if f == FLAT.upper():
-        return "flat"
-    if f.startswith("IVF") or ",IVF" in f:
-        return "ivf"
-    if f.startswith("HNSW"):
-        return "hnsw"
-    return "other"
-
-
-def codes(factory: str) -> str:
-    """The encoding part of a factory string ("SQ8" in IVF4096_HNSW32,SQ8): when auto's choice of codes
-    changes with the collection (the budget no longer holds 8-bit codes), the index is rebuilt."""
-    return factory.split(",", 1)[1].upper() if "," in factory else ""
-
-
-def resolve(requested: str, n: int, dim: int, budget: int | None) -> str:
-    """The faiss factory string a request means for a collection of n vectors (Flat: exact search)."""
-    budget = budget or default_budget()
-    req = requested.strip()
-    kind = req.lower()
-    if kind == "flat" or n < MIN_TRAIN and kind != "auto":
-        if kind not in TYPES:
-            check_factory(req, dim)
-        return FLAT  # below MIN_TRAIN vectors exact search is as fast and always right
-    if kind == "hnsw":
-        return f"HNSW{HNSW_M}"
-    if kind == "ivfpq":
-        return f"IVF{nlist_for(n)}_HNSW{HNSW_M},PQ{pq_bytes(dim, n, budget)}np"
-    if kind == "ivfsq":
-        return f"IVF{nlist_for(n)}_HNSW{HNSW_M},SQ8"
-    if kind == "auto":
-        if n <= FLAT_MAX and n * dim * 4 <= budget:
-            return FLAT
-        if n <= HNSW_MAX and hnsw_bytes(dim, n) <= budget:
-            return f"HNSW{HNSW_M}"
-        # The most faithful codes that fit: 8-bit scalar codes need 4x fewer exact re-scores than PQ.
-        return resolve("ivfsq" if sq8_bytes(dim, n) <= budget * 0.8 else "ivfpq", n, dim, budget)
-    check_factory(req, dim)
-    return req
-
-
-def check_factory(factory: str, dim: int) -> None:
-    """A user's faiss factory string must build an inner-product index of this width."""
-    faiss = _faiss()
-    if factory.upper().startswith("IDMAP"):
-        raise UserError(f"--index-type '{factory}': leave out IDMap, crossmodal maps ids itself")
-    try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise UserError(f"--index-type '{factory}' is neither {', '.join(TYPES)} nor a faiss factory "
-                        f"string faiss can build (e.g. IVF4096_HNSW32,PQ64np or HNSW32)") from None
-
-
-def needs_rebuild(state: AnnState, target: str, n: int, dead: int, healthy: bool) -> bool:
-    """Rebuild when the type changes, tombstones pile up, or an IVF index has outgrown its training."""
-    if target == FLAT:
-        return state.factory != FLAT
-    if not state.active or not healthy:
-        return True
-    if target != state.factory and (family(target) != family(state.factory)
-                                    or family(target) in ("hnsw", "other") or codes(target) != codes(state.factory)):
-        return True  # an IVF whose list count drifts with n is only retrained on growth (below)
-    if dead > DEAD_REBUILD * max(n + dead, 1):
-        return True
-    return family(target) == "ivf" and n > REGROW * max(state.built_n, 1)
-
-
-def _prepare_training(index) -> None:
+def _prepare_training(index: Any) -> None:
     """Skip polysemous PQ training (10x the training time, for a search mode never used here), and
     faiss's warnings when a small collection gives fewer points per centroid than it likes."""
     faiss = _faiss()
@@ -219,7 +83,7 @@ def _prepare_training(index) -> None:
         pq.cp.min_points_per_centroid = 1
 
 
-def _add(index, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
+def _add(index: Any, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
     for start in range(0, len(rows), ADD_CHUNK):
         part = rows[start:start + ADD_CHUNK]
         index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32),
@@ -229,7 +93,7 @@ def _add(index, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
 def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
           exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
           exact_vectors: Callable[[np.ndarray], np.ndarray], seed: int = 0, train_limit: int = 200_000,
-          log: Callable[[str], None] | None = None):
+          log: Callable[[str], None] | None = None) -> tuple[Any, AnnState]:
     """Build an id-mapped `factory` index over (ids, vectors) and tune its search-time knob.
 
     A sample of vectors is held out of training and of the index while tuning, so the tuning queries
@@ -261,18 +125,18 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
     return index, tuned
 
 
-def _inner(index):
+def _inner(index: Any) -> Any:
     """The index inside an id map (or the index itself), as its concrete faiss class."""
     faiss = _faiss()
     return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
 
 
-def _ivf_of(index):
+def _ivf_of(index: Any) -> Any:
     """The IVF part of an (id-mapped) index, or None."""
     return _faiss().try_extract_index_ivf(_inner(index))
 
 
-def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
+def knob_of(index: Any) -> tuple[str | None, tuple[int, ...]]:
     """The search-time setting an index has, and the values tuning tries (cheapest first)."""
     faiss = _faiss()
     ivf = _ivf_of(index)
@@ -286,7 +150,7 @@ def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
     return None, ()
 
 
-def hnsw_quantizer(index) -> bool:
+def hnsw_quantizer(index: Any) -> bool:
     """Whether an (id-mapped) IVF index assigns lists with an HNSW graph (IVF<n>_HNSW<m>,...)."""
     faiss = _faiss()
     ivf = _ivf_of(index)
@@ -294,7 +158,7 @@ def hnsw_quantizer(index) -> bool:
 
 
 def search_params(param: str | None, value: int | None, exclude: np.ndarray | None,
-                  hnsw_lists: bool = False):
+                  hnsw_lists: bool = False) -> Any:
     """faiss SearchParameters carrying the knob and a selector that hides tombstones.
 
     With an HNSW coarse quantizer, its efSearch follows nprobe: left at faiss's 16 the graph search
@@ -302,7 +166,7 @@ def search_params(param: str | None, value: int | None, exclude: np.ndarray | No
     benchmark vectors); with efSearch = nprobe it matches an exact quantizer (0.998 at nprobe 256/2048).
     """
     faiss = _faiss()
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     if exclude is not None and len(exclude):
         # faiss's Python constructors keep a reference to the selector for as long as the params live
         kwargs["sel"] = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
@@ -315,7 +179,7 @@ def search_params(param: str | None, value: int | None, exclude: np.ndarray | No
     return faiss.SearchParameters(**kwargs)
 
 
-def ann_search(index, queries: np.ndarray, k: int, param: str | None, value: int | None, refine: int,
+def ann_search(index: Any, queries: np.ndarray, k: int, param: str | None, value: int | None, refine: int,
                exclude: np.ndarray | None, exact_vectors: Callable[[np.ndarray], np.ndarray]
                ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by the ANN index; with refine > 1, k*refine candidates are re-scored with exact vectors."""
@@ -374,7 +238,7 @@ def _without(rows: np.ndarray, drop: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def tune(index, state: AnnState, qids: np.ndarray, q: np.ndarray,
+def tune(index: Any, state: AnnState, qids: np.ndarray, q: np.ndarray,
          exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
          exact_vectors: Callable[[np.ndarray], np.ndarray], k: int = 10,
          target: float = TARGET_RECALL) -> AnnState:

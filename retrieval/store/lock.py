@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import IndexLocked
+from retrieval.errors import IndexLocked
 
 try:
     import fcntl

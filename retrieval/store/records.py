@@ -1,19 +1,32 @@
 """The store's plain values and constants, free of SQLAlchemy.
 
 Why a module of its own: a one-shot query process (`crossmodal search`) needs these types but not the ORM,
-whose import alone costs 0.3-0.4 s of a 1 s budget. store.py re-exports every name here, so
-`from retrieval.store.store import ImageFilter` and `from retrieval.store import ImageFilter` keep working.
+whose import alone costs 0.3-0.4 s of a 1 s budget. The package (`retrieval.store`) re-exports the public
+names, so callers write `from retrieval.store import ImageFilter`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..errors import UserError
+from retrieval.errors import IndexMissing, SchemaTooNew, UserError
+from retrieval.media.photo_meta import PhotoMeta
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
-SCHEMA_VERSION = 2  # catalog.py's tables; read-only stores compare against it without importing them
+SCHEMA_VERSION = 2  # schema.py's tables; read-only stores compare against it without importing them
+
+
+def schema_too_new(home: Path, found: int) -> SchemaTooNew:
+    """The refusal of a catalog a newer crossmodal wrote (the reader's check and the migration share it)."""
+    return SchemaTooNew(f"index in {home} was written by a newer crossmodal "
+                        f"(schema {found} > {SCHEMA_VERSION}); upgrade crossmodal")
+
+
+def no_catalog(home: Path) -> IndexMissing:
+    """The refusal of a catalog file without a recorded schema (not ours, or never finished)."""
+    return IndexMissing(f"{home} holds no crossmodal catalog")
 
 
 @dataclass(frozen=True)
@@ -26,11 +39,7 @@ class ImageRecord:
     mtime: float
     width: int
     height: int
-    taken_at: str | None = None
-    camera_make: str | None = None
-    camera_model: str | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
+    meta: PhotoMeta = PhotoMeta()
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,10 @@ class ItemView:
     sha256: str | None = None
 
     @property
+    def meta(self) -> PhotoMeta:
+        """The EXIF facts of an image row."""
+        return PhotoMeta(self.taken_at, self.camera_make, self.camera_model, self.gps_lat, self.gps_lon)
+
+    @property
     def camera(self) -> str | None:
-        parts = [p for p in (self.camera_make, self.camera_model) if p]
-        return " ".join(parts) or None
+        return self.meta.camera

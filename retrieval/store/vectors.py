@@ -1,57 +1,40 @@
 """FAISS vector files: one inner-product index per modality, ids equal to catalog primary keys.
 
-Files are never written in place: write `name.tmp`, fsync, rename, fsync the folder, so a crash leaves
-either the old file or the new one, never half of one.
+Files are never written in place: `fsutil.atomic_write_with` writes `name.tmp`, fsyncs, renames and fsyncs
+the folder, so a crash leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import IndexMismatch
+from retrieval.errors import IndexMismatch
+from retrieval.fsutil import atomic_write_with
 
 
-def _faiss():
+def _faiss() -> Any:
     import faiss
 
     return faiss
 
 
-def new_index(dim: int):
+def new_index(dim: int) -> Any:
     """An exact inner-product index whose ids are ours (IndexIDMap2 keeps a reverse map for reconstruct)."""
     faiss = _faiss()
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(index, path: Path) -> None:
-    """Write `index` to `path` through a temp file, fsync and rename."""
+def write_atomic(index: Any, path: Path) -> None:
+    """Write `index` to `path` through a temp file, fsync and rename (fsutil's one durable-write recipe)."""
     faiss = _faiss()
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: faiss.write_index(index, tmp))
 
 
-def read_index(path: Path, mmap: bool = False, ivf: bool = False):
+def read_index(path: Path, mmap: bool = False, ivf: bool = False) -> Any:
     """Load a vector file; a damaged file is an IndexMismatch the user can repair.
 
     With `mmap`, flat codes and inverted lists stay in the file (memory-mapped), so an index larger
@@ -69,12 +52,13 @@ def read_index(path: Path, mmap: bool = False, ivf: bool = False):
                             f"run `crossmodal repair` to rebuild the index state") from e
 
 
-def ids_of(index) -> np.ndarray:
+def ids_of(index: Any) -> np.ndarray:
     """The ids held by an IndexIDMap2, as int64."""
-    return _faiss().vector_to_array(index.id_map).astype(np.int64)
+    ids: np.ndarray = _faiss().vector_to_array(index.id_map).astype(np.int64)
+    return ids
 
 
-def vectors_of(index) -> tuple[np.ndarray, np.ndarray]:
+def vectors_of(index: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) of every stored entry, in storage order."""
     ids = ids_of(index)
     if len(ids) == 0:
@@ -82,12 +66,21 @@ def vectors_of(index) -> tuple[np.ndarray, np.ndarray]:
     return ids, index.index.reconstruct_n(0, index.ntotal)
 
 
-def remove_ids(index, ids: np.ndarray) -> int:
+def remove_ids(index: Any, ids: np.ndarray) -> int:
     """Drop entries by id; returns how many were removed."""
     faiss = _faiss()
     if len(ids) == 0:
         return 0
     return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
+
+
+def cleanup(folder: Path, modality: str, keep: set[int]) -> None:
+    """Drop a modality's vector files of generations other than `keep`, and leftover temp files."""
+    pattern = re.compile(rf"^{modality}-(\d+)\.faiss(\.tmp)?$")
+    for p in folder.glob(f"{modality}-*.faiss*"):
+        m = pattern.match(p.name)
+        if m and (m.group(2) or int(m.group(1)) not in keep):
+            p.unlink(missing_ok=True)
 
 
 def _meminfo(key: str, fallback: int) -> int:

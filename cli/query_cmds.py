@@ -1,0 +1,231 @@
+"""Commands that read the index: search, caption, info."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli.common import (
+    RERANK_K,
+    BackendOpt,
+    DeviceOpt,
+    JsonOpt,
+    KOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    RerankKOpt,
+    RerankOpt,
+    err,
+    handle_errors,
+    home,
+    print_json,
+    read_only,
+    table,
+)
+from retrieval.config import DEFAULT_K, DEFAULT_WEIGHT
+from retrieval.errors import UserError
+
+if TYPE_CHECKING:
+    from retrieval.query.search import Hit, Searcher
+    from retrieval.store import ImageFilter
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the app."""
+    app.command()(search)
+    app.command()(caption)
+    app.command()(info)
+
+
+def _check_dates(flt: ImageFilter) -> None:
+    from datetime import datetime
+
+    for value in (flt.after, flt.before):
+        if value:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise UserError(f"'{value}' is not a date (use YYYY-MM-DD)") from None
+
+
+def _open(model: str | None, pretrained: str | None, device: str, precision: str, backend: str) -> Searcher:
+    from retrieval.query.open import open_index
+
+    read_only()
+    return open_index(home(), model, pretrained, device, precision, backend=backend, notify=err)
+
+
+def _hit_json(h: Hit, *fields: str) -> dict[str, object]:
+    """A hit as JSON: rank, id, score, the dense rank and score, then the item's `fields`."""
+    return {"rank": h.rank, "id": h.id, "score": h.score, "dense_score": h.dense_score, "dense_rank": h.dense_rank,
+            **{f: getattr(h.item, f) for f in fields}}
+
+
+def _image_bytes(path: Path) -> bytes:
+    from retrieval.fsutil import read_bytes
+
+    return read_bytes(path.expanduser())
+
+
+@handle_errors
+def search(
+    query: Annotated[str | None, typer.Argument(help="What to look for, in words.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query image (image->image search).")] = None,
+    weight: Annotated[float, typer.Option(
+        "--weight", min=0.0, max=1.0, help="Share of the text when fusing text and --image.")] = DEFAULT_WEIGHT,
+    negative: Annotated[list[str] | None, typer.Option(
+        "--not", help="Text to steer away from (repeatable).")] = None,
+    k: KOpt = DEFAULT_K,
+    after: Annotated[str | None, typer.Option("--after", help="Taken on or after DATE (YYYY-MM-DD).")] = None,
+    before: Annotated[str | None, typer.Option("--before", help="Taken before DATE (YYYY-MM-DD).")] = None,
+    under: Annotated[Path | None, typer.Option("--under", help="Only images under FOLDER.")] = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Camera make/model contains TEXT.")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = RERANK_K,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when an ANN index exists.")] = False,
+    nprobe: Annotated[int | None, typer.Option(
+        "--nprobe", min=1, help="IVF lists to visit (overrides the tuned value).")] = None,
+    ef_search: Annotated[int | None, typer.Option(
+        "--ef-search", min=1, help="HNSW candidate list size (overrides the tuned value).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find images by text, by example image, or both fused; optionally filtered.
+
+    Text queries rerank the dense top --rerank-k by co-attention over token features (--no-rerank: off).
+
+    Dates are the EXIF capture time, or the file time for images without one.
+
+    Examples:
+
+      crossmodal search "a dog running on a beach" -k 20
+
+      crossmodal search --image query.jpg -k 10
+
+      crossmodal search "at night" --image query.jpg --weight 0.5
+
+      crossmodal search "a red car" --not "people" --json
+
+      crossmodal search "birthday cake" --after 2023-01-01 --before 2024-01-01 --under ~/Pictures --camera pixel
+
+      crossmodal search "a lighthouse" --nprobe 64     (or --ef-search 256, or --exact)
+    """
+    from retrieval.media.decode import is_raw_name
+    from retrieval.rerank.reranker import open_reranker
+    from retrieval.store import ImageFilter
+
+    if (query is None or not query.strip()) and image is None:
+        raise UserError("give a text query, an --image, or both (see `crossmodal search --help`)")
+    flt = ImageFilter(under=str(under.expanduser()) if under else None, after=after, before=before,
+                      camera=camera)
+    _check_dates(flt)
+    data = _image_bytes(image) if image is not None else None
+    searcher = _open(model, pretrained, device, precision, backend)
+    if exact or nprobe or ef_search:
+        from retrieval.store import QueryOptions
+
+        searcher.store.query_options = QueryOptions(exact=exact, nprobe=nprobe, ef_search=ef_search)
+    reranker = open_reranker(searcher, rerank if query and query.strip() else False, err)
+    q = searcher.embed_query(text=query, image=data, weight=weight, negatives=negative or [],
+                             image_raw=image is not None and is_raw_name(str(image)), with_tokens=reranker is not None)
+    hits = (reranker.search_images(q, k, flt, rerank_k) if reranker is not None
+            else searcher.search_images(q.vector, k, flt))
+    if json_out:
+        print_json([_hit_json(h, "path", "width", "height") for h in hits])
+        return
+    table(f"{len(hits)} images", ["rank", "score", "path"],
+          [[str(h.rank), f"{h.score:.4f}", h.item.path or ""] for h in hits])
+
+
+@handle_errors
+def caption(
+    image: Annotated[Path, typer.Argument(help="Image to describe.")],
+    k: KOpt = 5,
+    corpus: Annotated[str | None, typer.Option(
+        "--corpus", help="Only this corpus (builtin:imagenet for the built-in vocabulary).")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = RERANK_K,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find the captions that best describe an image (from your corpora, else ImageNet class prompts).
+
+    The dense top --rerank-k captions are reranked by co-attention over token features (--no-rerank: off).
+
+    Examples:
+
+      crossmodal caption photo.jpg -k 5
+
+      crossmodal caption photo.jpg --corpus alt-texts --json
+    """
+    from retrieval.media.decode import is_raw_name
+    from retrieval.rerank.reranker import open_reranker
+
+    data = _image_bytes(image)
+    searcher = _open(model, pretrained, device, precision, backend)
+    if searcher.store.count("text") == 0 and not json_out:
+        typer.echo("no caption corpus added yet; using the built-in ImageNet vocabulary "
+                   "(embedded once per model, then cached)", err=True)
+    raw = is_raw_name(str(image))
+    reranker = open_reranker(searcher, rerank, err)
+    hits = (reranker.caption(data, k, corpus, rerank_k, raw=raw) if reranker is not None
+            else searcher.caption(data, k, corpus, raw=raw))
+    if json_out:
+        print_json([_hit_json(h, "text", "corpus") for h in hits])
+        return
+    table(f"captions for {image}", ["rank", "score", "text", "corpus"],
+          [[str(h.rank), f"{h.score:.4f}", h.item.text or "", h.item.corpus or ""] for h in hits])
+
+
+@handle_errors
+def info(json_out: JsonOpt = False) -> None:
+    """What the index holds: model, counts, corpora, size on disk.
+
+    Example:
+
+      crossmodal info --json
+    """
+    from retrieval.store import Store
+
+    read_only()
+    with Store.open(home()) as store:
+        fp = store.fingerprint
+        data = {
+            "home": str(store.home),
+            "model": fp.model if fp else None,
+            "pretrained": fp.pretrained if fp else None,
+            "dim": fp.dim if fp else None,
+            "images": store.count("image"),
+            "texts": store.count("text"),
+            "corpora": store.corpora(),
+            "vector_index": {m: store.ann_info(m) for m in ("image", "text")},
+        }
+        size = store.size_on_disk()
+        skipped = len(store.skipped())
+    if json_out:
+        print_json(data)
+        return
+    rows = [[k, str(v)] for k, v in data.items() if k not in ("corpora", "vector_index")]
+    for m, ix in data["vector_index"].items():
+        mapped = ", memory-mapped" if ix["memory_mapped"] else ""
+        rows.append([f"{m} search", f"{ix['describe']} (asked: {ix['requested']}{mapped})"
+                     + (f"; {ix['problem']}" if ix.get("problem") else "")])
+    rows += [[f"corpus {name}", str(n)] for name, n in data["corpora"].items()]
+    rows += [["skipped files", str(skipped)], ["size on disk", f"{size / 1e6:.1f} MB"]]
+    if fp is not None:
+        from retrieval.model.onnx_encoder import export_bytes
+
+        onnx_bytes = export_bytes(store.home, fp)
+        rows += [["ONNX export (fast queries)", f"{onnx_bytes / 1e6:.1f} MB" if onnx_bytes else "none"]]
+    table("crossmodal index", ["what", "value"], rows)

@@ -1,0 +1,94 @@
+"""What this machine offers: CPU features, usable cores, CUDA and nvJPEG.
+
+CPU features come from /proc/cpuinfo unless CROSSMODAL_CPU_FLAGS overrides them (a comma- or space-separated
+list such as `avx2` or `avx512_bf16,amx_bf16`), so tests can take the fast-bf16 and the fp32 paths on any
+machine. torch is imported inside functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+CPU_FLAGS_ENV = "CROSSMODAL_CPU_FLAGS"
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: $CROSSMODAL_CPU_FLAGS when set, else the first `flags` line of /proc/cpuinfo."""
+    fake = os.environ.get(CPU_FLAGS_ENV)
+    if fake is not None:
+        return frozenset(f for f in re.split(r"[\s,]+", fake.strip().lower()) if f)
+    return _proc_flags()
+
+
+@functools.lru_cache(maxsize=1)
+def _proc_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32; elsewhere bf16 is slower."""
+    return any(f in cpu_flags() for f in FAST_BF16_FLAGS)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cuda_available() -> bool:
+    """True when torch is importable and sees a CUDA device (never raises)."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - a broken torch install just means no CUDA
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - driver problems surface here on some machines
+        return False
+
+
+def cuda_description() -> str:
+    """One line naming the device, for reports and benchmarks; says why when there is none."""
+    if not cuda_available():
+        return "no CUDA device visible to torch"
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, torch {torch.__version__}"
+
+
+def nvjpeg_available() -> bool:
+    """torchvision built with nvJPEG and a CUDA device: what GPU JPEG decoding needs."""
+    if not cuda_available():
+        return False
+    try:
+        import torch
+        import torchvision  # noqa: F401 - registers the image ops
+
+        return hasattr(torch.ops.image, "decode_jpegs_cuda")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def gpu_decode_problem(device: str) -> str | None:
+    """Why JPEGs cannot be decoded on the GPU for a model on `device` (None when they can)."""
+    if device != "cuda":
+        return f"needs the model on a CUDA device (it runs on {device}; torch sees "\
+               f"{'a' if cuda_available() else 'no'} CUDA device)"
+    if not nvjpeg_available():
+        return "this torchvision build has no nvJPEG (GPU JPEG decoding)"
+    return None

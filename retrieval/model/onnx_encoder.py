@@ -1,0 +1,260 @@
+"""The query-time encoder on ONNX Runtime: no torch, torchvision or open_clip on this path.
+
+An index home keeps an ONNX export of its model's two towers (written by `onnx_export`, which needs torch)
+under HOME/onnx/<key>/, <key> derived from the model fingerprint, so a new model never reads a stale export:
+
+  text.onnx   token ids (batch, n) -> text embedding, and per-token features (batch, n, d) for the
+              reranker; n is dynamic, so a query runs only up to its length
+  image.onnx  normalised pixels (batch, 3, size, size) -> image embedding, and per-token features
+              (batch, 1+patches, d) for the reranker
+  *.onnx.data their fp32 weights, memory-mapped at load (graphs are stored already optimised)
+  bpe_simple_vocab_16e6.txt.gz, zero_shot.json (ImageNet class names and prompt templates)
+  export.json fingerprint, preprocessing, tokenizer settings, file sizes, the export's own check
+
+`OnnxEncoder` has the interface `Searcher` and `Reranker` use (encode_texts, encode_image_bytes, the
+token-feature methods, dim, fingerprint, preprocess, device, precision), with float32 outputs like
+`Encoder`. Token features are those of model/token_features.py (same shapes, masks and dtype); models whose
+towers give none (see token_features.check_token_support) are exported without them and say why in `check_tokens`.
+Exports of an older EXPORT_VERSION (version 1 had no token outputs) live under another key, so they are
+never read; the next export replaces them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.media.decode import Preprocess
+from retrieval.model.protocol import Encoder, unit_rows
+from retrieval.model.spec import Fingerprint
+
+EXPORT_VERSION = 2  # 2: token-feature outputs for the reranker
+EXPORT_META = "export.json"
+TEXT_FILE = "text.onnx"
+IMAGE_FILE = "image.onnx"
+ZERO_SHOT_FILE = "zero_shot.json"
+TOKENS_OUT = "token_features"  # the graphs' second output (the text graph's input is already "tokens")
+
+
+def export_key(fp: Fingerprint, version: int = EXPORT_VERSION) -> str:
+    """Folder name for one model's export (the same fingerprint fields the store compares)."""
+    return hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|onnx-v{version}".encode()).hexdigest()[:16]
+
+
+def export_root(home: str | Path) -> Path:
+    return Path(home) / "onnx"
+
+
+def export_dir(home: str | Path, fp: Fingerprint) -> Path:
+    return export_root(home) / export_key(fp)
+
+
+def older_exports(home: str | Path, fp: Fingerprint) -> list[Path]:
+    """Exports of this model made by an older EXPORT_VERSION (they lack outputs this version reads)."""
+    root = export_root(home)
+    return [p for v in range(1, EXPORT_VERSION) if (p := root / export_key(fp, v)).is_dir()]
+
+
+def unsupported_marker(home: str | Path, fp: Fingerprint) -> Path:
+    """Written instead of an export when a model's towers cannot be exported; holds the reason."""
+    return export_root(home) / f"{export_key(fp)}.unsupported"
+
+
+def read_export_meta(folder: Path, fp: Fingerprint) -> dict[str, Any] | None:
+    """The export's metadata if the folder is a complete export of exactly this model, else None."""
+    try:
+        meta: dict[str, Any] = json.loads((folder / EXPORT_META).read_text())
+    except (OSError, ValueError):
+        return None
+    m = meta.get("fingerprint", {})
+    if (meta.get("version") != EXPORT_VERSION
+            or (m.get("model"), m.get("weights"), m.get("dim")) != (fp.model, fp.weights, fp.dim)):
+        return None
+    try:
+        files = (TEXT_FILE, IMAGE_FILE, ZERO_SHOT_FILE, meta["tokenizer"]["bpe"], *meta["bytes"])
+        meta["preprocess"]["size"], meta["tokens"]["supported"]
+    except (KeyError, TypeError):
+        return None
+    if not all((folder / name).is_file() for name in files) or not _same_runtime(meta):
+        return None
+    return meta
+
+
+def _same_runtime(meta: dict[str, Any]) -> bool:
+    """Graphs are stored optimised by one onnxruntime; another major.minor re-exports rather than risk it."""
+    try:
+        import onnxruntime
+    except Exception:  # noqa: BLE001 - no runtime, no usable export
+        return False
+    return bool(str(meta.get("onnxruntime", "")).split(".")[:2] == onnxruntime.__version__.split(".")[:2])
+
+
+def export_bytes(home: str | Path, fp: Fingerprint) -> int | None:
+    """Disk used by the export of model `fp` in `home` (None: there is none)."""
+    folder = export_dir(home, fp)
+    if not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def onnxruntime_problem() -> str | None:
+    """Why ONNX Runtime cannot be used here (None when it can)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - missing, or a broken install
+        return f"onnxruntime is not available ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return None
+
+
+def session_options() -> Any:
+    """All cores for one query's matmuls and full graph optimisation (cheap: the stored graph is already
+    fused). Weight prepacking is off: it copies every weight at load, which costs a one-shot CLI query more
+    (~0.25 s for ViT-B-32's text tower) than it saves, and batches do not miss it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    so.intra_op_num_threads = max(1, cores or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+class OnnxEncoder(Encoder):
+    """A model's exported towers on ONNX Runtime (CPU, fp32); sessions open on first use of each tower."""
+
+    device = "cpu"
+    precision = "fp32"
+    backend = "onnx"
+
+    def __init__(self, folder: Path, fingerprint: Fingerprint, meta: dict[str, Any]) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.dim = int(fingerprint.dim)
+        self.meta = meta
+        p = meta["preprocess"]
+        self.preprocess = Preprocess(size=int(p["size"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
+                                     resize_mode=p["resize_mode"], interpolation=p["interpolation"],
+                                     fill_color=int(p["fill_color"]))
+        self._sessions: dict[str, Any] = {}
+        self._tokenizer: Any = None
+
+    @classmethod
+    def open(cls, home: str | Path, fp: Fingerprint) -> OnnxEncoder | None:
+        """The export of model `fp` in `home`, or None when there is no complete one."""
+        folder = export_dir(home, fp)
+        meta = read_export_meta(folder, fp)
+        return cls(folder, fp, meta) if meta is not None else None
+
+    def _session(self, name: str) -> Any:
+        s = self._sessions.get(name)
+        if s is None:
+            import onnxruntime as ort
+
+            s = ort.InferenceSession(str(self.folder / name), sess_options=session_options(),
+                                     providers=["CPUExecutionProvider"])
+            self._sessions[name] = s
+        return s
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from retrieval.model.bpe import BpeTokenizer
+
+            t = self.meta["tokenizer"]
+            self._tokenizer = BpeTokenizer(self.folder / t["bpe"], context_length=int(t["context_length"]),
+                                           clean=t["clean"],
+                                           additional_special_tokens=t.get("additional_special_tokens") or ())
+        return self._tokenizer
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Embed texts; each batch (similar lengths together) runs only up to its longest text."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        tokens = self.tokenizer(list(texts))
+        lengths = tokens.argmax(axis=1) + 1
+        order = np.argsort(lengths, kind="stable")
+        session = self._session(TEXT_FILE)
+        for i in range(0, len(order), batch_size):
+            sel = order[i:i + batch_size]
+            n = int(lengths[sel].max())
+            out[sel] = unit_rows(session.run(["embedding"], {"tokens": tokens[sel, :n]})[0])
+        return out
+
+    # ---- token features for the co-attention reranker: the twins of Encoder's (model/token_features.py) ----
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.meta.get("tokens", {}).get("supported"))
+
+    def check_tokens(self) -> None:
+        """Raise TokensUnsupported (the reason recorded at export) unless the graphs give token features."""
+        if not self.has_tokens:
+            from retrieval.errors import TokensUnsupported
+            from retrieval.model.token_features import SUPPORTED
+
+            raise TokensUnsupported(self.meta.get("tokens", {}).get("reason")
+                                    or f"the export has no token outputs; supported: {SUPPORTED}")
+
+    def _text_pass(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit pooled (B,d), token features (B,n,d), mask (B,n)) of token ids, run up to the longest."""
+        self.check_tokens()
+        eot = tokens.argmax(axis=1)
+        n = int(eot.max()) + 1
+        pooled, feats = self._session(TEXT_FILE).run(["embedding", TOKENS_OUT], {"tokens": tokens[:, :n]})
+        pos = np.arange(n)[None, :]
+        mask = (pos >= 1) & (pos <= eot[:, None])
+        return unit_rows(pooled), np.asarray(feats, dtype=np.float32), mask
+
+    def encode_text_tokens(self, texts: Sequence[str]) -> Any:
+        """Per-token text features of one batch of texts (token_features.TextTokens, padded to the longest)."""
+        from retrieval.model.token_features import TextTokens
+
+        pooled, feats, mask = self._text_pass(self.tokenizer(list(texts)))
+        return TextTokens(tokens=feats, mask=mask, pooled=pooled)
+
+    def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
+                                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
+        from retrieval.model.token_features import batched_text_tokens
+
+        if not len(texts):
+            return np.zeros((0, self.dim), np.float32), []
+        tokens = self.tokenizer(list(texts))
+        return batched_text_tokens(len(texts), self.dim, tokens.argmax(axis=1) + 1, batch_size,
+                                   lambda sel: self._text_pass(tokens[sel]))
+
+    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ONE vision pass: (unit pooled vectors (B,d) equal to encode_pixels, token features (B,1+P,d))."""
+        self.check_tokens()
+        pooled, feats = self._session(IMAGE_FILE).run(["embedding", TOKENS_OUT],
+                                                      {"pixels": self.pixels_to_array(pixels)})
+        return unit_rows(pooled), np.asarray(feats, dtype=np.float32)
+
+    def pixels_to_array(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B,H,W,3) -> normalised float32 (B,3,H,W), the numpy twin of Encoder.pixels_to_tensor."""
+        x = np.ascontiguousarray(pixels).astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+        mean = np.asarray(self.preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a batch of prepared uint8 images (see media.decode.prepare)."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return unit_rows(self._session(IMAGE_FILE).run(["embedding"],
+                                                             {"pixels": self.pixels_to_array(pixels)})[0])
+
+    def zero_shot_metadata(self) -> tuple[list[str], list[str]]:
+        """ImageNet class names and prompt templates ('{}' marks the class), copied at export time."""
+        data = json.loads((self.folder / ZERO_SHOT_FILE).read_text(encoding="utf-8"))
+        return list(data["classnames"]), list(data["templates"])

@@ -1,0 +1,125 @@
+"""Open the model an index records: the one way the CLI, the page, the query path and training do it.
+
+An index records its model's fingerprint (architecture, exact weights, width). Every command that embeds
+for an index goes through `open_model`: it refuses a different model before loading any weights, finds a
+moved or changed checkpoint file, and checks the loaded model against the record.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from retrieval.errors import ModelMismatch, ModelUnavailable
+from retrieval.model.protocol import Encoder
+from retrieval.model.spec import Fingerprint, ModelSpec
+from retrieval.model.torch_encoder import TorchEncoder, load_encoder
+from retrieval.model.weights import file_sha256
+
+
+class ModelRecord(Protocol):
+    """What an index tells about its model (a Store, opened read-only or for writing)."""
+
+    fingerprint: Fingerprint | None
+
+    def checkpoint_stat(self) -> dict[str, int] | None: ...
+
+
+class _NoIndex:
+    """The record of a home without an index: no model yet, so the one asked for (or the default) is used."""
+
+    fingerprint: Fingerprint | None = None
+
+    def checkpoint_stat(self) -> dict[str, int] | None:
+        return None
+
+
+NO_INDEX: ModelRecord = _NoIndex()
+
+
+class WritableRecord(ModelRecord, Protocol):
+    """A store opened for writing: it can record the model of a new index."""
+
+    def bind_model(self, fp: Fingerprint, checkpoint_stat: dict[str, int] | None = None) -> None: ...
+
+
+def checkpoint_stat(path: str) -> dict[str, int] | None:
+    """Size and mtime of a checkpoint, so later runs can skip re-hashing an unchanged file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def requested_spec(record: ModelRecord, model: str | None, pretrained: str | None, device: str = "auto",
+                   precision: str = "auto") -> tuple[ModelSpec, str | None]:
+    """The model a command should run: the recorded one, or the one asked for if it is the same.
+
+    Returns the spec and, for checkpoint files, the already-verified sha256 (None means hash it).
+    Raises ModelMismatch before any weights are loaded when the request differs from the record.
+    """
+    fp = record.fingerprint
+    if fp is None:
+        if not model and not pretrained:
+            return ModelSpec(device=device, precision=precision), None
+        spec = ModelSpec(name=model or ModelSpec.name, pretrained=pretrained or ModelSpec.pretrained,
+                         device=device, precision=precision)
+        return spec, None
+    name = model or fp.model
+    if name != fp.model:
+        raise ModelMismatch(f"this index was built with {fp.describe()}, not {name}; "
+                            f"queries always use the recorded model, or pick another --home")
+    if pretrained:
+        spec = ModelSpec(name=name, pretrained=pretrained, device=device, precision=precision)
+        if spec.pretrained_is_file():
+            path = str(Path(pretrained).expanduser().resolve())
+            if not os.path.isfile(path):
+                raise ModelUnavailable(f"checkpoint file not found: {path}")
+            sha = file_sha256(path)
+            if fp.weights != f"sha256:{sha}":
+                raise ModelMismatch(f"checkpoint {path} is not the one this index was built with "
+                                    f"({fp.describe()})")
+            return spec, sha
+        if pretrained != fp.weights:
+            raise ModelMismatch(f"this index was built with {fp.describe()}, not pretrained '{pretrained}'")
+        return spec, None
+    spec = ModelSpec(name=fp.model, pretrained=fp.pretrained, device=device, precision=precision)
+    if fp.weights.startswith("sha256:"):
+        if not os.path.isfile(fp.pretrained):
+            raise ModelUnavailable(f"the checkpoint this index was built with is gone from {fp.pretrained}; "
+                                   f"pass its new location with --pretrained PATH")
+        if checkpoint_stat(fp.pretrained) == record.checkpoint_stat():
+            return spec, fp.weights.split(":", 1)[1]
+        sha = file_sha256(fp.pretrained)
+        if fp.weights != f"sha256:{sha}":
+            raise ModelMismatch(f"the checkpoint at {fp.pretrained} changed since this index was built; "
+                                f"restore it or pass the original with --pretrained PATH")
+        return spec, sha
+    return spec, None
+
+
+def check_encoder(record: ModelRecord, encoder: Encoder) -> None:
+    """Refuse to pair an index with a model whose fingerprint differs (e.g. a different embedding dim)."""
+    if record.fingerprint is not None and not record.fingerprint.same_model(encoder.fingerprint):
+        raise ModelMismatch(f"this index was built with {record.fingerprint.describe()} and cannot be "
+                            f"queried with {encoder.fingerprint.describe()}")
+
+
+def open_model(record: ModelRecord, model: str | None = None, pretrained: str | None = None,
+               device: str = "auto", precision: str = "auto", purpose: str = "index") -> TorchEncoder:
+    """The index's model on torch (or the one asked for, when the index has none yet), checked against it.
+
+    `purpose` "query" keeps CPU queries in fp32 whatever the CPU (spec.resolve_precision)."""
+    spec, sha = requested_spec(record, model, pretrained, device, precision)
+    encoder = load_encoder(spec, checkpoint_sha=sha, purpose=purpose)
+    check_encoder(record, encoder)
+    return encoder
+
+
+def record_model(store: WritableRecord, encoder: Encoder) -> None:
+    """Record `encoder`'s model in a new index (with the checkpoint's size and mtime, to skip re-hashing it),
+    or refuse one that differs from the recorded model."""
+    fp = encoder.fingerprint
+    store.bind_model(fp, checkpoint_stat(fp.pretrained) if fp.weights.startswith("sha256:") else None)

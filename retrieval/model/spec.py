@@ -1,0 +1,106 @@
+"""Which model, on which device, in which precision, and the fingerprint that says two indexes agree.
+
+Precision follows the job: indexing takes reduced precision where the hardware is fast at it (fp16 on CUDA,
+bf16 on CPUs with AMX or AVX512-BF16); a query embeds one text or one image, where bf16 buys nothing, so
+queries on the CPU compute in fp32 whatever the backend (`resolve_precision(..., purpose="query")`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from retrieval.errors import UserError
+from retrieval.hardware import cpu_has_fast_bf16
+from retrieval.model.weights import file_sha256
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PURPOSES = ("index", "query")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which open_clip model to run and how; `pretrained` is a published tag or a local checkpoint path."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    device: str = "auto"
+    precision: str = "auto"
+
+    def pretrained_is_file(self) -> bool:
+        """A value naming an existing file (or containing a path separator) is a local checkpoint."""
+        return os.sep in self.pretrained or Path(self.pretrained).expanduser().is_file()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two indexes comparable: architecture, exact weights and embedding width."""
+
+    model: str
+    pretrained: str  # the tag, or the checkpoint's absolute path (informational)
+    weights: str  # the tag, or "sha256:<hex>" of the checkpoint file (what equality uses)
+    dim: int
+
+    def same_model(self, other: Fingerprint) -> bool:
+        return (self.model, self.weights, self.dim) == (other.model, other.weights, other.dim)
+
+    def describe(self) -> str:
+        return f"{self.model} / {self.pretrained}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        return cls(**json.loads(text))
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda, then mps, then cpu; an explicit device that is absent is a user error."""
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but torch sees no MPS device")
+    return device
+
+
+def resolve_precision(precision: str, device: str, purpose: str = "index") -> str:
+    """auto -> fp16 on CUDA; on the CPU bf16 for indexing where bf16 is fast, fp32 for queries and elsewhere."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise UserError("fp16 is not supported on the CPU; use bf16 or fp32")
+        return precision
+    if device == "cuda":
+        return "fp16"
+    if device == "cpu" and purpose == "index" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def fingerprint_for(spec: ModelSpec, dim: int, checkpoint_sha: str | None = None) -> Fingerprint:
+    """Build the fingerprint; hashing a checkpoint file is skipped when the caller already knows it."""
+    if spec.pretrained_is_file():
+        path = str(Path(spec.pretrained).expanduser().resolve())
+        sha = checkpoint_sha or file_sha256(path)
+        return Fingerprint(model=spec.name, pretrained=path, weights=f"sha256:{sha}", dim=dim)
+    return Fingerprint(model=spec.name, pretrained=spec.pretrained, weights=spec.pretrained, dim=dim)
+
+

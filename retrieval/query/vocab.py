@@ -1,0 +1,70 @@
+"""The built-in caption vocabulary: ImageNet class names and open_clip's prompt templates.
+
+Used by `caption` when no corpus has been added. Each class is the mean of its prompts' embeddings
+(CLIP's zero-shot recipe), computed once per model and cached in the index home.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retrieval.fsutil import atomic_file
+
+if TYPE_CHECKING:
+    from retrieval.model.protocol import Encoder
+
+BUILTIN_CORPUS = "builtin:imagenet"
+
+
+def _cache_path(home: Path, encoder: Encoder) -> Path:
+    fp = encoder.fingerprint
+    key = hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|v1".encode()).hexdigest()[:16]
+    return home / "vocab" / f"imagenet-{key}.npz"
+
+
+def _zero_shot(encoder: Encoder) -> tuple[list[str], list[Callable[[str], str]]]:
+    """Class names and prompt templates: from the ONNX export (no open_clip import) or from open_clip."""
+    names, templates = encoder.zero_shot_metadata()
+    return names, [functools.partial(_fill, t) for t in templates]
+
+
+def _fill(template: str, name: str) -> str:
+    return template.replace("{}", name)
+
+
+def builtin_vocabulary(encoder: Encoder, home: Path) -> tuple[list[str], np.ndarray]:
+    """(texts, unit vectors) for the 1,000 ImageNet classes; embeds once, then loads from the cache.
+
+    The cache holds the texts too, so a cached vocabulary needs neither open_clip nor a model.
+    """
+    path = _cache_path(home, encoder)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                vectors = z["vectors"]
+                texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+            if texts is None:  # a cache from before texts were stored
+                texts = [f"a photo of a {c}." for c in _zero_shot(encoder)[0]]
+            if vectors.shape == (len(texts), encoder.dim):
+                return texts, vectors
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is simply rebuilt
+    classnames, templates = _zero_shot(encoder)
+    texts = [f"a photo of a {c}." for c in classnames]
+    prompts = [t(c) for c in classnames for t in templates]
+    emb = encoder.encode_texts(prompts, batch_size=256)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    vectors = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, durable=False) as f:  # a cache: rebuilt if a crash loses it
+            np.savez(f, vectors=vectors, texts=np.asarray(texts))
+    except OSError:
+        pass  # a read-only home still answers, it just embeds again next time
+    return texts, vectors

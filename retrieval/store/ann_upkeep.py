@@ -1,0 +1,224 @@
+"""Keeping each modality's ANN index in step with the exact vectors, commit by commit.
+
+Why a class of its own: the ANN index is derived data (ann.py builds and tunes it); what the Store needs
+is the bookkeeping around it: which file the catalog names, loading it (or noting why it cannot serve),
+adding a commit's vectors or rebuilding when due, recording the new state in the commit's transaction,
+and removing files no reader can still hold. The new ANN file is always written before the transaction
+that names it commits, and the file before the current one is kept one commit longer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrieval.errors import IndexMismatch, UserError
+from retrieval.store import ann
+from retrieval.store import vectors as vec
+from retrieval.store.records import QueryOptions
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+Log = Callable[[str], None]
+
+
+class AnnUpkeep:
+    """The ANN side of one Store: per modality the serving ANN index (None: exact search), its recorded
+    state, its tombstones (ids deleted from the exact store but still in the ANN index) and any problem."""
+
+    def __init__(self, folder: Path, flats: dict[str, Any]) -> None:
+        self.folder = folder
+        self.flats = flats  # the Store's exact indexes, by modality (the same dict, never rebound)
+        self.index: dict[str, Any | None] = {}
+        self.state: dict[str, ann.AnnState] = {}
+        self.dead: dict[str, np.ndarray] = {}
+        self.problem: dict[str, str] = {}
+
+    def path(self, modality: str, gen: int) -> Path:
+        return self.folder / f"{modality}-ann-{gen}.faiss"
+
+    def state_of(self, modality: str) -> ann.AnnState:
+        return self.state.get(modality) or ann.AnnState()
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load(self, modality: str, meta: dict[str, str], should_map: Callable[[Path, bool], bool],
+             last_attempt: bool) -> None:
+        """Open the modality's ANN index named by the catalog; an unusable one means exact search.
+
+        A missing file raises FileNotFoundError unless `last_attempt`: a writer may have rotated files
+        since the catalog was read, so the caller reads the catalog again.
+        """
+        state = ann.AnnState.from_json(meta.get(f"ann.{modality}"))
+        self.state[modality] = state
+        self.index[modality] = None
+        self.dead[modality] = np.zeros(0, np.int64)
+        self.problem.pop(modality, None)
+        flat = self.flats.get(modality)
+        if not state.active or flat is None:
+            return
+        path = self.path(modality, state.gen)
+        if not path.is_file():
+            if not last_attempt:
+                raise FileNotFoundError(path)
+            self.problem[modality] = f"ANN file {path.name} is missing"
+            return
+        try:
+            index = vec.read_index(path, mmap=should_map(path, True), ivf=ann.family(state.factory) == "ivf")
+        except IndexMismatch:
+            self.problem[modality] = f"ANN file {path.name} is unreadable"
+            return
+        self.index[modality] = index
+        if int(index.ntotal) == int(flat.ntotal):
+            return  # the commit protocol keeps every live id in the ANN index: equal counts, no tombstones
+        held, live = vec.ids_of(index), vec.ids_of(flat)
+        missing = len(np.setdiff1d(live, held, assume_unique=True))
+        if missing:
+            self.index[modality] = None
+            self.problem[modality] = f"ANN index lacks {missing} vectors"
+            return
+        self.dead[modality] = np.setdiff1d(held, live, assume_unique=True)
+
+    # ---- following commits ----------------------------------------------------------------------
+    def follow(self, s: Session, modality: str, ids: np.ndarray, vectors: np.ndarray, meta: dict[str, str],
+               dim: int, force: bool = False, log: Log | None = None) -> None:
+        """Keep the ANN index in step with a commit: add the new vectors, or rebuild when due.
+
+        Runs inside the commit's transaction (`s`); the new ANN file is written before SQLite commits,
+        and `meta` (the Store's copy) is updated with what the transaction records.
+        """
+        from retrieval.store import writes
+
+        def record(key: str, value: str) -> None:
+            writes.put_meta(s, key, value)
+            meta[key] = value
+
+        state = self.state_of(modality)
+        flat = self.flats[modality]
+        n = int(flat.ntotal)
+        target = ann.resolve(state.requested, n, dim, state.budget)
+        current: Any = self.index.get(modality)
+        dead = 0
+        if current is not None and state.active:
+            dead = int(current.ntotal) + len(ids) - n  # every entry beyond the live count is a tombstone
+        healthy = modality not in self.problem and (current is not None or not state.active)
+        if force or ann.needs_rebuild(state, target, n, dead, healthy):
+            new_index, state = self._build(modality, target, state, log)
+        elif state.active and len(ids):
+            current.add_with_ids(vectors, ids)
+            new_index = current
+        elif state.active:
+            # Only deletions: the ANN file stays as it is; tombstones follow from the exact store.
+            self.dead[modality] = np.setdiff1d(vec.ids_of(current), vec.ids_of(flat), assume_unique=True)
+            return
+        else:
+            if meta.get(f"ann.{modality}") != state.to_json():
+                record(f"ann.{modality}", state.to_json())
+            return
+        if new_index is not None:
+            gen = max(state.gen, int(meta.get(f"annmax.{modality}", "0"))) + 1
+            vec.write_atomic(new_index, self.path(modality, gen))
+            state = replace(state, gen=gen)
+            record(f"annmax.{modality}", str(gen))
+        record(f"ann.{modality}", state.to_json())
+        self.index[modality] = new_index
+        self.state[modality] = state
+        self.problem.pop(modality, None)
+        self.dead[modality] = (np.zeros(0, np.int64) if new_index is None else
+                               np.setdiff1d(vec.ids_of(new_index), vec.ids_of(flat), assume_unique=True))
+
+    def _build(self, modality: str, target: str, state: ann.AnnState, log: Log | None
+               ) -> tuple[Any | None, ann.AnnState]:
+        """Build `target` from the stored vectors and tune its knob; Flat means no ANN index."""
+        flat = self.flats[modality]
+        n = int(flat.ntotal)
+        base = replace(state, factory=target, gen=0, built_n=n, param=None, value=None, refine=1,
+                       recall=None, query_ms=None)
+        if target == ann.FLAT:
+            return None, base
+        ids, vectors = vec.vectors_of(flat)
+        index, tuned = ann.build(target, ids, vectors, base, lambda q, k: flat.search(q, min(k, n)),
+                                 flat.reconstruct_batch, log=log)
+        if log:
+            log(f"{modality}: built {target} over {n} vectors: {tuned.describe()}")
+        return index, tuned
+
+    def set_type(self, s: Session, modalities: tuple[str, ...], requested: str, budget: int | None,
+                 meta: dict[str, str], dim: int, rebuild: bool, force: bool, log: Log | None
+                 ) -> dict[str, str]:
+        """Record the index type to keep and, with `rebuild`, build it now from the stored vectors, inside
+        the caller's transaction. Returns modality -> description."""
+        req = requested.strip()
+        if req.lower() in ann.TYPES:
+            req = req.lower()
+        else:
+            ann.check_factory(req, dim)
+        out: dict[str, str] = {}
+        for m in modalities:
+            old = self.state_of(m)
+            state = replace(old, requested=req, budget=budget)
+            self.state[m] = state
+            if rebuild and self.flats.get(m) is not None:
+                changed = (old.requested, old.budget) != (req, budget)
+                self.follow(s, m, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), meta, dim,
+                            force=force or changed and state.active, log=log)
+            else:
+                from retrieval.store import writes
+
+                writes.put_meta(s, f"ann.{m}", state.to_json())
+                meta[f"ann.{m}"] = state.to_json()
+            out[m] = self.state_of(m).describe()
+        return out
+
+    def cleanup(self, modality: str) -> None:
+        """Drop ANN files other than the current one and the one before it (readers may hold it)."""
+        current = self.state_of(modality).gen
+        pattern = re.compile(rf"^{modality}-ann-(\d+)\.faiss(\.tmp)?$")
+        files = []
+        for p in self.folder.glob(f"{modality}-ann-*.faiss*"):
+            m = pattern.match(p.name)
+            if m:
+                files.append((int(m.group(1)), bool(m.group(2)), p))
+        older = sorted({g for g, tmp, _ in files if g < current and not tmp})
+        keep = {current} | ({older[-1]} if older else set())
+        for g, tmp, p in files:
+            if tmp or g not in keep:
+                p.unlink(missing_ok=True)
+
+    # ---- serving --------------------------------------------------------------------------------
+    def plan(self, modality: str, opts: QueryOptions) -> tuple[str | None, int | None, int] | None:
+        """(knob, value, refine) when the ANN index answers an unfiltered query; None for exact search."""
+        state = self.state_of(modality)
+        knob = ("nprobe", opts.nprobe) if opts.nprobe else ("efSearch", opts.ef_search) if opts.ef_search else None
+        if opts.exact or self.index.get(modality) is None:
+            if knob and not opts.exact and modality == "image":
+                raise UserError(f"--{'nprobe' if knob[0] == 'nprobe' else 'ef-search'} needs an ANN index; "
+                                f"this one searches exactly ({state.describe()})")
+            return None
+        if knob:
+            if knob[0] != state.param:
+                flag = "--nprobe" if knob[0] == "nprobe" else "--ef-search"
+                raise UserError(f"{flag} does not apply to {state.factory} "
+                                f"(its knob is {state.param or 'none'})")
+            return knob[0], knob[1], state.refine
+        return state.param, state.value, state.refine
+
+    def info(self, modality: str, mapped: bool) -> dict[str, object]:
+        """How a modality is searched: the recorded ANN state, any problem, and whether files are mapped."""
+        state = self.state_of(modality)
+        info: dict[str, object] = {"requested": state.requested, "factory": state.factory,
+                                   "describe": state.describe(), "param": state.param, "value": state.value,
+                                   "refine": state.refine, "recall_at_10": state.recall,
+                                   "tombstones": int(len(self.dead.get(modality, ()))),
+                                   "memory_mapped": mapped}
+        if state.active:
+            p = self.path(modality, state.gen)
+            info["ann_bytes"] = p.stat().st_size if p.is_file() else None
+        if modality in self.problem:
+            info["problem"] = self.problem[modality] + "; exact search serves until `crossmodal reindex`"
+        return info

@@ -1,0 +1,97 @@
+"""The catalog's writes (SQLAlchemy ORM), each run inside a transaction the Store opens.
+
+Why separate from the Store: the facade decides *when* rows change (its single commit point, repair,
+small metadata updates); these helpers say *how* a change is written, so the commit protocol reads as a
+list of steps. Only writers import this module (it loads SQLAlchemy); reads go through a CatalogReader,
+except the ids repair must read inside its own write transaction (`ids`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
+
+import numpy as np
+from sqlalchemy import delete, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from retrieval.store.records import ImageRecord, TextRecord
+from retrieval.store.schema import Item, Meta, Skipped, utcnow
+
+_CHUNK = 900  # bound parameters per statement, below SQLite's default limit
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """One write transaction: committed when the block ends, rolled back if it raises.
+
+    Objects stay readable after the commit (`expire_on_commit=False`), so new ids can be returned.
+    """
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+def image_items(records: Sequence[ImageRecord]) -> list[Item]:
+    """New image rows (ids are assigned when the commit flushes them)."""
+    now = utcnow()
+    return [Item(modality="image", path=r.path, sha256=r.sha256, bytes=r.bytes, mtime=r.mtime, width=r.width,
+                 height=r.height, added_at=now, **asdict(r.meta)) for r in records]
+
+
+def text_items(records: Sequence[TextRecord]) -> list[Item]:
+    """New caption rows."""
+    now = utcnow()
+    return [Item(modality="text", corpus=r.corpus, row=r.row, text=r.text, sha256=r.sha256, added_at=now)
+            for r in records]
+
+
+def insert(s: Session, items: Sequence[Item]) -> np.ndarray:
+    """Add rows and flush, so their ids (also their vector ids) are known inside the transaction."""
+    s.add_all(items)
+    s.flush()
+    return np.asarray([it.id for it in items], dtype=np.int64)
+
+
+def delete_ids(s: Session, ids: Iterable[int]) -> None:
+    """Drop rows by id."""
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), _CHUNK):
+        s.execute(delete(Item).where(Item.id.in_(ids[start:start + _CHUNK])))
+
+
+def delete_modality(s: Session, modality: str) -> None:
+    """Drop every row of a modality (repair, when its vectors are gone)."""
+    s.execute(delete(Item).where(Item.modality == modality))
+
+
+def ids(s: Session, modality: str) -> np.ndarray:
+    """Every id of a modality as the transaction sees it (repair reads and deletes in one transaction)."""
+    return np.asarray(s.scalars(select(Item.id).where(Item.modality == modality)).all(), dtype=np.int64)
+
+
+def put_meta(s: Session, key: str, value: str) -> None:
+    """Set one meta value (insert or replace)."""
+    s.merge(Meta(key=key, value=value))
+
+
+def move(s: Session, moves: Sequence[tuple[int, str, int, float]]) -> None:
+    """New (path, bytes, mtime) for rows whose content did not change; their vectors stay."""
+    for item_id, path, size, mtime in moves:
+        s.execute(update(Item).where(Item.id == item_id).values(path=path, bytes=size, mtime=mtime))
+    forget_skipped(s, [m[1] for m in moves])
+
+
+def record_skipped(s: Session, skipped: Sequence[tuple[str, str]]) -> None:
+    """Remember files that could not be indexed and why (latest reason wins)."""
+    now = utcnow()
+    for path, reason in skipped:
+        s.merge(Skipped(path=path, reason=reason, at=now))
+
+
+def forget_skipped(s: Session, paths: Sequence[str]) -> None:
+    """Files now indexed (or moved into place) are no longer skipped."""
+    paths = list(paths)
+    for start in range(0, len(paths), _CHUNK):
+        s.execute(delete(Skipped).where(Skipped.path.in_(paths[start:start + _CHUNK])))

@@ -1,0 +1,110 @@
+"""The shared fixtures, each built once per test run (session scope): a seeded checkpoint and its encoder,
+generated photos, an index built through the library, its copy whose first query made the ONNX export, and
+the page tests' index built through the CLI.
+
+No network: the model is random-initialised, saved, and loaded back through `--pretrained PATH`, the same
+path users take with their own checkpoints. Results are meaningless semantically; tests check mechanics
+against oracles.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TEST_MODEL, make_checkpoint, make_photo_folder, make_webui_photos, run_cli
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "vit-s-32-seed0.pt")
+
+
+@pytest.fixture(scope="session")
+def encoder(checkpoint: Path):  # noqa: ANN201 - a TorchEncoder (torch is imported lazily)
+    from retrieval.model.spec import ModelSpec
+    from retrieval.model.torch_encoder import load_encoder
+
+    return load_encoder(ModelSpec(name=TEST_MODEL, pretrained=str(checkpoint), device="cpu", precision="fp32"))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_photo_folder(tmp_path_factory.mktemp("photos") / "library")
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos) -> Path:  # noqa: ANN001
+    """An index over `photos` with two caption corpora, built in-process (fast) through the library."""
+    from indexer.pipeline import index_paths
+    from indexer.texts import add_corpus
+    from retrieval.store import Store
+
+    home = tmp_path_factory.mktemp("home")
+    caps = tmp_path_factory.mktemp("caps")
+    (caps / "a.txt").write_text("\n".join(f"caption number {i} about colours" for i in range(30)))
+    (caps / "b.csv").write_text("id,caption\n" + "\n".join(f"{i},a second corpus line {i}" for i in range(20)))
+    with Store.open(home, create=True, writable=True) as store:
+        store.bind_model(encoder.fingerprint)
+        index_paths(store, encoder, [str(photos["root"])], batch_size=4, workers=1)
+        add_corpus(store, encoder, caps / "a.txt", corpus="alpha")
+        add_corpus(store, encoder, caps / "b.csv", corpus="beta")
+    return home
+
+
+@pytest.fixture(scope="session")
+def first_query(built_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, list[str]]]:
+    """(searcher, notices) of the first query on a copy of `built_index`, which has no export yet: that query
+    makes the ONNX export (the real path), once per test run."""
+    from retrieval.query.open import open_index
+
+    home = tmp_path_factory.mktemp("onnx-query") / "home"
+    # Without vocab/: a built-in vocabulary cached there by another test would answer the ONNX tests that
+    # embed their own (order-dependent results otherwise).
+    shutil.copytree(built_index, home, ignore=shutil.ignore_patterns("vocab"))
+    lines: list[str] = []
+    searcher = open_index(home, device="cpu", notify=lines.append)
+    yield searcher, lines
+    searcher.store.close()
+
+
+@pytest.fixture(scope="session")
+def home(first_query: tuple[object, list[str]]) -> Path:
+    """The index home (images + corpora alpha, beta) with its ONNX export."""
+    return first_query[0].store.home  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def webui_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_webui_photos(tmp_path_factory.mktemp("webui") / "photos")
+
+
+@pytest.fixture(scope="session")
+def webui_home(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, webui_photos: Path) -> Path:
+    """The page tests' index (10 images, 12 captions), built once with the real CLI."""
+    home = tmp_path_factory.mktemp("webui-home") / "home"
+    caps = home.parent / "webui-captions.txt"
+    caps.write_text("\n".join(f"caption {i}: shapes and colours" for i in range(12)) + "\n")
+    for args in (["index", str(webui_photos), "--model", TEST_MODEL, "--pretrained", str(checkpoint),
+                  "--device", "cpu", "--workers", "0", "-q"],
+                 ["add-texts", str(caps), "--corpus", "shapes", "--device", "cpu", "-q"]):
+        r = run_cli(*args, home=home)
+        assert r.returncode == 0, r.stderr
+    return home
+
+
+@pytest.fixture
+def empty_home(tmp_path: Path) -> Path:
+    """A catalog that exists but holds nothing (no model bound yet)."""
+    from retrieval.store import Store
+
+    Store.open(tmp_path / "empty", create=True, writable=True).close()
+    return tmp_path / "empty"
+
+
+@pytest.fixture
+def missing_home(tmp_path: Path) -> Path:
+    return tmp_path / "nothing-here"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -26,8 +27,15 @@ state: dict[str, Any] = {"home": None, "read_only": False}
 
 
 def home() -> Path:
-    """The index home: --home, else $CROSSMODAL_HOME, else the user data dir."""
-    return state["home"] or default_home()
+    """The index home: --home, else $CROSSMODAL_HOME, else the user data dir; one that cannot be a folder
+    (it is a file, or lies under one) is a one-line user error for every command."""
+    from retrieval.fsutil import folder_problem
+
+    path: Path = state["home"] or default_home()
+    problem = folder_problem(path.expanduser().absolute())
+    if problem:
+        raise UserError(problem)
+    return path
 
 
 def read_only() -> None:
@@ -35,9 +43,22 @@ def read_only() -> None:
     state["read_only"] = True
 
 
+# Characters that steer a terminal or reorder text: C0/C1 controls, DEL, bidi overrides and isolates, line
+# separators, and lone surrogates (undecodable file names), which a strict stdout cannot even encode.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def clean(text: str) -> str:
+    """User text made safe to print on a terminal: each unprintable character becomes a visible escape
+    (ESC -> \\x1b, RLO -> \\u202e), so a caption or file name cannot move the cursor, recolour or reorder
+    the output. JSON output does not use it: it keeps the exact text."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                            text)
+
+
 def err(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
-    typer.echo(f"crossmodal: {message}", err=True)
+    """One line on stderr, prefixed with the program name; user text in it is `clean`ed."""
+    typer.echo(f"crossmodal: {clean(message)}", err=True)
 
 
 def handle_errors(fn: F) -> F:
@@ -91,6 +112,11 @@ RerankOpt = Annotated[bool | None, typer.Option(
     help="Reorder the dense top --rerank-k with co-attention over token features (default: on where the "
          "model supports it).")]
 RerankKOpt = Annotated[int, typer.Option("--rerank-k", min=1, max=1000, help="How many dense results to rerank.")]
+ExactOpt = Annotated[bool, typer.Option("--exact", help="Exact search even when an ANN index exists.")]
+NprobeOpt = Annotated[int | None, typer.Option(
+    "--nprobe", min=1, help="IVF lists to visit (overrides the tuned value).")]
+EfSearchOpt = Annotated[int | None, typer.Option(
+    "--ef-search", min=1, help="HNSW candidate list size (overrides the tuned value).")]
 
 
 def progress_printer(label: str, quiet: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -137,13 +163,16 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A table on stdout. Title and cells are user text: shown literally (no rich markup, so '[/b]' cannot
+    crash it and '[red]' is not swallowed; no :emoji: codes) and `clean`ed of control characters."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=Text(clean(title)), show_lines=False)
     for c in columns:
         table.add_column(c, justify="right" if c in ("rank", "score", "id", "count") else "left",
                          overflow="fold")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(Text(clean(cell)) for cell in r))
     Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)

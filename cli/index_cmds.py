@@ -17,6 +17,7 @@ from cli.common import (
     PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
+    clean,
     err,
     handle_errors,
     home,
@@ -28,7 +29,8 @@ from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.errors import UserError
 
 if TYPE_CHECKING:
-    from retrieval.model.torch_encoder import TorchEncoder
+    from retrieval.model.protocol import Encoder
+    from retrieval.model.spec import Fingerprint
     from retrieval.store import Store
 
 
@@ -81,33 +83,55 @@ def index(
       crossmodal index /archive --index-type auto --memory-budget 8G
     """
     from indexer.pipeline import index_paths
-    from retrieval.model.recorded import open_model, record_model
+    from retrieval.model.recorded import (
+        ModelOnDemand,
+        open_model,
+        record_model,
+        recorded_preprocess,
+        requested_spec,
+    )
+    from retrieval.model.torch_encoder import TorchEncoder
+    from retrieval.query.tuning import vocabulary_queries
     from retrieval.store import Store
 
     for p in paths:
         if not p.expanduser().exists():
             raise UserError(f"no such file or folder: {p}")
+
+    def load() -> TorchEncoder:
+        enc = open_model(store, model, pretrained, device, precision)
+        record_model(store, enc)
+        if not quiet and not json_out:
+            typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)
+        return enc
+
     with Store.open(home(), create=True, writable=True) as store:
-        encoder = open_model(store, model, pretrained, device, precision)
+        requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
+        pre = recorded_preprocess(store) if store.fingerprint is not None else None
+        # An index that knows its model's preprocessing loads the model only when an image needs embedding:
+        # an unchanged re-run never does. A new index loads it now and records it.
+        source: TorchEncoder | ModelOnDemand = load() if pre is None else ModelOnDemand(load, pre, device)
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 
-            problem = gpu_decode_problem(encoder.device)
+            problem = gpu_decode_problem(source.device)
             if problem:
                 raise UserError(f"--gpu-decode: {problem}")
-        record_model(store, encoder)
+        fp = source.fingerprint if isinstance(source, TorchEncoder) else store.fingerprint
+        if fp is None:  # a recorded preprocessing implies a recorded model
+            raise UserError(f"the index in {store.home} records no model; index into a new --home")
+        # Tuning may embed the vocabulary with the model in memory; nothing loads it for tuning alone.
+        store.tune_with(vocabulary_queries(store.home, fp, source.if_loaded if isinstance(source, ModelOnDemand)
+                                           else lambda: source))
         if reranker is not None:
             from retrieval.rerank.params import record_reranker
 
             record_reranker(store, reranker)
         if index_type is not None or memory_budget is not None:  # recorded first; commits follow it
             _request_index_type(store, index_type, memory_budget, rebuild=False)
-        if not quiet and not json_out:
-            typer.echo(f"model {encoder.fingerprint.describe()} on {encoder.device} ({encoder.precision})",
-                       err=True)
         update, stop = progress_printer("images", quiet)
         try:
-            report = index_paths(store, encoder, [str(p) for p in paths], batch_size=batch_size,
+            report = index_paths(store, source, [str(p) for p in paths], batch_size=batch_size,
                                  workers=workers, progress=update, commit_every=commit_every,
                                  gpu_decode=gpu_decode)
         finally:
@@ -118,21 +142,22 @@ def index(
         total = store.count("image")
     for root, n in report.kept:
         err(f"warning: {root} has no image files now; its {n} indexed images were kept "
-             f"(unmounted drive?). `crossmodal remove {root}` drops them.")
+            f"(unmounted drive?). `crossmodal remove {root}` drops them.")
     if json_out:
         print_json(report.to_json())
-        _export_for_queries(encoder, True)
-        return
-    for path, reason in report.skipped:
-        typer.echo(f"skipped {path}: {reason}", err=True)
-    table("index", ["what", "count"], [
-        ["added", str(report.added)], ["updated", str(report.updated)], ["moved", str(report.moved)],
-        ["removed", str(report.removed)],
-        ["already indexed", str(report.unchanged)], ["skipped", str(len(report.skipped))],
-        ["images in index", str(total)], ["seconds", f"{report.seconds:.1f}"],
-        ["images/s", f"{report.images_per_second:.1f}"],
-    ])
-    _export_for_queries(encoder, quiet)
+    else:
+        from retrieval.store.paths import display_path
+
+        for path, reason in report.skipped:
+            typer.echo(clean(f"skipped {display_path(path)}: {reason}"), err=True)
+        table("index", ["what", "count"], [
+            ["added", str(report.added)], ["updated", str(report.updated)], ["moved", str(report.moved)],
+            ["removed", str(report.removed)],
+            ["already indexed", str(report.unchanged)], ["skipped", str(len(report.skipped))],
+            ["images in index", str(total)], ["seconds", f"{report.seconds:.1f}"],
+            ["images/s", f"{report.images_per_second:.1f}"],
+        ])
+    _export_for_queries(fp, source if isinstance(source, ModelOnDemand) else lambda: source, quiet or json_out)
 
 
 def _request_index_type(store: Store, index_type: str | None, memory_budget: str | None, rebuild: bool,
@@ -167,11 +192,13 @@ def reindex(
 
       crossmodal reindex --index-type "IVF4096,PQ32x8np"
     """
+    from retrieval.query.tuning import vocabulary_queries
     from retrieval.store import Store
 
     with Store.open(home(), writable=True) as store:
         if store.fingerprint is None:
             raise UserError(f"the index in {store.home} is empty; run `crossmodal index FOLDER` first")
+        store.tune_with(vocabulary_queries(store.home, store.fingerprint))
         done = _request_index_type(store, index_type, memory_budget, rebuild=True, force=True,
                                    log=None if json_out else err)
         info = {m: store.ann_info(m) for m in done}
@@ -181,26 +208,70 @@ def reindex(
     table("vector index", ["modality", "index"], [[m, d] for m, d in done.items()])
 
 
+REMOVE_ASK_ABOVE = 1000  # `remove` drops more than this many images (or over half the index) only with --yes
+
+
 @handle_errors
 def remove(
-    paths: Annotated[list[Path], typer.Argument(help="Folders or files to drop from the index.")],
+    paths: Annotated[list[str], typer.Argument(help="Folders or files to drop from the index.")],
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help=f"Remove even when that drops more than {REMOVE_ASK_ABOVE:,} images or more than half "
+                            "of the index (otherwise such a remove only says what it would drop).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Drop images at or under the given folders from the index (the files themselves are not touched).
 
-    Example:
+    A remove that would drop more than 1,000 images or more than half of the index says what it would drop
+    and removes nothing unless --yes is given.
+
+    Examples:
 
       crossmodal remove ~/Pictures/old-phone
+
+      crossmodal remove /media/old-drive --yes
     """
-    from indexer.pipeline import remove_paths
+    from indexer.pipeline import ids_at, remove_paths
     from retrieval.store import Store
 
+    for p in paths:
+        if not p.strip():
+            raise UserError("an empty path would remove every image under the current folder; "
+                            "name the folder or file to remove")
     with Store.open(home(), writable=True) as store:
-        n = remove_paths(store, [str(p) for p in paths])
+        if not yes:
+            _refuse_large_removal(store, ids_at(store, paths))
+        n = remove_paths(store, paths)
     if json_out:
         print_json({"removed": n})
     else:
         typer.echo(f"removed {n} images from the index")
+
+
+def _refuse_large_removal(store: Store, ids: set[int]) -> None:
+    """Raise a UserError naming the count and the top folders when a remove is too large to do unasked."""
+    total = store.count("image")
+    if len(ids) <= REMOVE_ASK_ABOVE and 2 * len(ids) <= total:
+        return
+    folders = _top_folders([v.path for v in store.items(ids).values() if v.path])
+    where = ", ".join(f"{folder}: {n:,}" for folder, n in folders[:3]) + (", ..." if len(folders) > 3 else "")
+    raise UserError(f"this would remove {len(ids):,} of the {total:,} indexed images ({where}); nothing was "
+                    "removed: run again with --yes to remove them")
+
+
+def _top_folders(paths: list[str]) -> list[tuple[str, int]]:
+    """Image counts per folder right below the deepest folder that holds them all, largest first."""
+    import os
+    from collections import Counter
+
+    if not paths:
+        return []
+    dirs = [os.path.dirname(p) for p in paths]
+    root = os.path.commonpath(dirs)
+    counts: Counter[str] = Counter()
+    for d in dirs:
+        rel = os.path.relpath(d, root)
+        counts[root if rel == "." else os.path.join(root, rel.split(os.sep)[0])] += 1
+    return counts.most_common()
 
 
 @handle_errors
@@ -237,19 +308,23 @@ def add_texts(
             report = add_corpus(store, encoder, file, corpus, column, field, progress=update)
         finally:
             stop()
-    _export_for_queries(encoder, quiet or json_out)
+    _export_for_queries(encoder.fingerprint, lambda: encoder, quiet or json_out)
     if json_out:
         print_json(report.to_json())
     else:
-        typer.echo(f"corpus '{report.corpus}': added {report.added} captions, {report.duplicates} "
+        typer.echo(clean(f"corpus '{report.corpus}'") + f": added {report.added} captions, {report.duplicates} "
                    f"duplicates skipped ({report.seconds:.1f} s)")
 
 
-def _export_for_queries(encoder: TorchEncoder, quiet: bool) -> None:
-    """Export the model to ONNX once per index so queries start without torch; never fails the command."""
+def _export_for_queries(fp: Fingerprint, encoder: Callable[[], Encoder], quiet: bool) -> None:
+    """Export the model to ONNX once per index so queries start without torch; never fails the command.
+    The model is loaded for it only when there is no export yet."""
+    from retrieval.model.onnx_encoder import OnnxEncoder, unsupported_marker
     from retrieval.query.open import default_backend
 
-    if default_backend() == "torch":
+    if default_backend() == "torch" or unsupported_marker(home(), fp).is_file():
+        return
+    if OnnxEncoder.open(home(), fp) is not None:
         return
     from retrieval.model.onnx_export import ensure_export
 
@@ -257,7 +332,7 @@ def _export_for_queries(encoder: TorchEncoder, quiet: bool) -> None:
         if not quiet:
             err("exporting the model to ONNX for fast queries (once per index and model)")
 
-    ensure_export(encoder, home(), lambda msg: err(f"warning: {msg}"), on_start=start)
+    ensure_export(encoder(), home(), lambda msg: err(f"warning: {msg}"), on_start=start)
 
 
 @handle_errors
@@ -272,17 +347,22 @@ def skipped(json_out: JsonOpt = False) -> None:
 
     with Store.open(home()) as store:
         rows = store.skipped()
+    from retrieval.store.paths import display_path, path_json
+
     if json_out:
-        print_json([{"path": p, "reason": r} for p, r in rows])
+        print_json([{**path_json(p), "reason": r} for p, r in rows])
         return
-    table(f"{len(rows)} skipped files", ["path", "reason"], [[p, r] for p, r in rows])
+    table(f"{len(rows)} skipped files", ["path", "reason"], [[display_path(p), r] for p, r in rows])
 
 
 @handle_errors
 def repair(json_out: JsonOpt = False) -> None:
-    """Make catalog and vectors agree after damage: drops rows without vectors and vectors without rows.
+    """Make catalog and vectors agree after damage, and say exactly what was lost.
 
-    Run `crossmodal index` afterwards to re-embed the dropped images.
+    Rebuilds a catalog SQLite cannot read from what it still holds (the damaged file is kept aside as
+    catalog.sqlite.damaged-<time>), checks every vector file against its checksums and for NaN/inf, and
+    drops damaged vectors, rows without vectors and vectors without rows. Run `crossmodal index`
+    afterwards to re-embed the dropped images.
 
     Example:
 
@@ -290,10 +370,12 @@ def repair(json_out: JsonOpt = False) -> None:
     """
     from retrieval.store import Store
 
-    with Store.open(home(), writable=True, check=False) as store:
-        report = store.repair()
+    with Store.open(home(), writable=True, check=False, salvage=True) as store:
+        report = store.repair_report()
     if json_out:
-        print_json(report)
-    else:
-        typer.echo(f"dropped {report['rows_dropped']} rows without vectors and "
-                   f"{report['vectors_dropped']} vectors without rows")
+        print_json(report.to_json())
+        return
+    for note in report.notes:
+        typer.echo(note)
+    typer.echo(f"dropped {report.rows_dropped} rows without vectors and "
+               f"{report.vectors_dropped} vectors without rows")

@@ -42,6 +42,12 @@ def ui(
            "--global.developmentMode", "false", "--server.maxUploadSize", str(MAX_UPLOAD_MB),
            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
     typer.echo(f"crossmodal page on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    if os.name == "posix":
+        # The server takes this process's place, so SIGTERM or SIGINT sent to `crossmodal ui` (a service
+        # manager, `kill`) stops the server itself: no orphaned server is left running.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, cmd, env)
     try:
         raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,9 +12,12 @@ from cli.common import (
     RERANK_K,
     BackendOpt,
     DeviceOpt,
+    EfSearchOpt,
+    ExactOpt,
     JsonOpt,
     KOpt,
     ModelOpt,
+    NprobeOpt,
     PrecisionOpt,
     PretrainedOpt,
     RerankKOpt,
@@ -41,14 +45,12 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_dates(flt: ImageFilter) -> None:
-    from datetime import datetime
+    """Refuse a bad --after/--before before any model loads, with the parser the filter itself uses."""
+    from retrieval.store.records import date_bound
 
     for value in (flt.after, flt.before):
         if value:
-            try:
-                datetime.fromisoformat(value)
-            except ValueError:
-                raise UserError(f"'{value}' is not a date (use YYYY-MM-DD)") from None
+            date_bound(value)
 
 
 def _open(model: str | None, pretrained: str | None, device: str, precision: str, backend: str) -> Searcher:
@@ -58,16 +60,32 @@ def _open(model: str | None, pretrained: str | None, device: str, precision: str
     return open_index(home(), model, pretrained, device, precision, backend=backend, notify=err)
 
 
+def _ann_options(searcher: Searcher, exact: bool, nprobe: int | None, ef_search: int | None) -> None:
+    """--exact / --nprobe / --ef-search: how this query searches the ANN index (checked when it searches)."""
+    if exact or nprobe or ef_search:
+        from retrieval.store import QueryOptions
+
+        searcher.store.query_options = QueryOptions(exact=exact, nprobe=nprobe, ef_search=ef_search)
+
+
 def _hit_json(h: Hit, *fields: str) -> dict[str, object]:
-    """A hit as JSON: rank, id, score, the dense rank and score, then the item's `fields`."""
-    return {"rank": h.rank, "id": h.id, "score": h.score, "dense_score": h.dense_score, "dense_rank": h.dense_rank,
-            **{f: getattr(h.item, f) for f in fields}}
+    """A hit as JSON: rank, id, score, the dense rank and score, then the item's `fields`; a path is shown
+    with U+FFFD for bytes that are not UTF-8, plus `path_bytes` (base64) for such names (store/paths.py)."""
+    from retrieval.store.paths import path_json
+
+    out: dict[str, object] = {"rank": h.rank, "id": h.id, "score": h.score, "dense_score": h.dense_score,
+                              "dense_rank": h.dense_rank}
+    for f in fields:
+        out.update(path_json(h.item.path) if f == "path" and h.item.path is not None else {f: getattr(h.item, f)})
+    return out
 
 
 def _image_bytes(path: Path) -> bytes:
+    """A query image, read up to the page's upload cap (never without limit: /dev/zero is a file too)."""
     from retrieval.fsutil import read_bytes
+    from webui.limits import MAX_QUERY_IMAGE_BYTES
 
-    return read_bytes(path.expanduser())
+    return read_bytes(path.expanduser(), MAX_QUERY_IMAGE_BYTES, "a query image")
 
 
 @handle_errors
@@ -79,8 +97,10 @@ def search(
     negative: Annotated[list[str] | None, typer.Option(
         "--not", help="Text to steer away from (repeatable).")] = None,
     k: KOpt = DEFAULT_K,
-    after: Annotated[str | None, typer.Option("--after", help="Taken on or after DATE (YYYY-MM-DD).")] = None,
-    before: Annotated[str | None, typer.Option("--before", help="Taken before DATE (YYYY-MM-DD).")] = None,
+    after: Annotated[str | None, typer.Option(
+        "--after", help="Taken on or after DATE (YYYY-MM-DD, or YYYY-MM-DDTHH:MM[:SS]).")] = None,
+    before: Annotated[str | None, typer.Option(
+        "--before", help="Taken before DATE (YYYY-MM-DD, or YYYY-MM-DDTHH:MM[:SS]).")] = None,
     under: Annotated[Path | None, typer.Option("--under", help="Only images under FOLDER.")] = None,
     camera: Annotated[str | None, typer.Option("--camera", help="Camera make/model contains TEXT.")] = None,
     model: ModelOpt = None,
@@ -90,11 +110,9 @@ def search(
     backend: BackendOpt = "auto",
     rerank: RerankOpt = None,
     rerank_k: RerankKOpt = RERANK_K,
-    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when an ANN index exists.")] = False,
-    nprobe: Annotated[int | None, typer.Option(
-        "--nprobe", min=1, help="IVF lists to visit (overrides the tuned value).")] = None,
-    ef_search: Annotated[int | None, typer.Option(
-        "--ef-search", min=1, help="HNSW candidate list size (overrides the tuned value).")] = None,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Find images by text, by example image, or both fused; optionally filtered.
@@ -120,18 +138,16 @@ def search(
     from retrieval.media.decode import is_raw_name
     from retrieval.rerank.reranker import open_reranker
     from retrieval.store import ImageFilter
+    from retrieval.store.paths import display_path, to_catalog
 
     if (query is None or not query.strip()) and image is None:
         raise UserError("give a text query, an --image, or both (see `crossmodal search --help`)")
-    flt = ImageFilter(under=str(under.expanduser()) if under else None, after=after, before=before,
-                      camera=camera)
+    flt = ImageFilter(under=to_catalog(os.path.abspath(under.expanduser())) if under else None, after=after,
+                      before=before, camera=camera)
     _check_dates(flt)
     data = _image_bytes(image) if image is not None else None
     searcher = _open(model, pretrained, device, precision, backend)
-    if exact or nprobe or ef_search:
-        from retrieval.store import QueryOptions
-
-        searcher.store.query_options = QueryOptions(exact=exact, nprobe=nprobe, ef_search=ef_search)
+    _ann_options(searcher, exact, nprobe, ef_search)
     reranker = open_reranker(searcher, rerank if query and query.strip() else False, err)
     q = searcher.embed_query(text=query, image=data, weight=weight, negatives=negative or [],
                              image_raw=image is not None and is_raw_name(str(image)), with_tokens=reranker is not None)
@@ -141,7 +157,7 @@ def search(
         print_json([_hit_json(h, "path", "width", "height") for h in hits])
         return
     table(f"{len(hits)} images", ["rank", "score", "path"],
-          [[str(h.rank), f"{h.score:.4f}", h.item.path or ""] for h in hits])
+          [[str(h.rank), f"{h.score:.4f}", display_path(h.item.path or "")] for h in hits])
 
 
 @handle_errors
@@ -157,6 +173,9 @@ def caption(
     backend: BackendOpt = "auto",
     rerank: RerankOpt = None,
     rerank_k: RerankKOpt = RERANK_K,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Find the captions that best describe an image (from your corpora, else ImageNet class prompts).
@@ -168,12 +187,15 @@ def caption(
       crossmodal caption photo.jpg -k 5
 
       crossmodal caption photo.jpg --corpus alt-texts --json
+
+      crossmodal caption photo.jpg --ef-search 256     (or --nprobe 64, or --exact)
     """
     from retrieval.media.decode import is_raw_name
     from retrieval.rerank.reranker import open_reranker
 
     data = _image_bytes(image)
     searcher = _open(model, pretrained, device, precision, backend)
+    _ann_options(searcher, exact, nprobe, ef_search)
     if searcher.store.count("text") == 0 and not json_out:
         typer.echo("no caption corpus added yet; using the built-in ImageNet vocabulary "
                    "(embedded once per model, then cached)", err=True)
@@ -191,6 +213,9 @@ def caption(
 @handle_errors
 def info(json_out: JsonOpt = False) -> None:
     """What the index holds: model, counts, corpora, size on disk.
+
+    Also lists the temporary folders of ONNX exporters that died (killed mid-export) and removes them: they
+    belong to no live process (on a read-only home they are only listed).
 
     Example:
 
@@ -213,8 +238,13 @@ def info(json_out: JsonOpt = False) -> None:
         }
         size = store.size_on_disk()
         skipped = len(store.skipped())
-    if json_out:
-        print_json(data)
+    from retrieval.model.onnx_encoder import export_root
+    from retrieval.model.onnx_upkeep import sweep_exports
+
+    leftovers = sweep_exports(export_root(store.home))
+    if json_out:  # "onnx_leftovers" only when there were some
+        print_json({**data, **({"onnx_leftovers": [{"path": str(x.path), "bytes": x.bytes, "removed": x.removed}
+                                                   for x in leftovers]} if leftovers else {})})
         return
     rows = [[k, str(v)] for k, v in data.items() if k not in ("corpora", "vector_index")]
     for m, ix in data["vector_index"].items():
@@ -228,4 +258,6 @@ def info(json_out: JsonOpt = False) -> None:
 
         onnx_bytes = export_bytes(store.home, fp)
         rows += [["ONNX export (fast queries)", f"{onnx_bytes / 1e6:.1f} MB" if onnx_bytes else "none"]]
+    rows += [["ONNX leftover of a dead exporter", f"{x.path.name}, {x.bytes / 1e6:.1f} MB: "
+              + ("removed" if x.removed else "not removed (read-only home?)")] for x in leftovers]
     table("crossmodal index", ["what", "value"], rows)

@@ -17,15 +17,18 @@ from retrieval.fsutil import sha256_file
 from retrieval.hardware import usable_cores
 from retrieval.media.thumbnails import prune_thumbs
 from retrieval.model.protocol import Encoder
+from retrieval.model.recorded import ModelOnDemand
 from retrieval.rerank import token_cache
 from retrieval.store import ImageRecord, Store
+from retrieval.store.paths import from_catalog, path_json, to_catalog
 
 ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
 class IndexReport:
-    """What a run did; `images_per_second` counts files processed (embedded or skipped) per second."""
+    """What a run did; `images_per_second` counts files processed (embedded or skipped) per second.
+    `skipped` holds catalog paths (retrieval.store.paths): show them with `display_path`."""
 
     added: int = 0
     updated: int = 0
@@ -45,7 +48,7 @@ class IndexReport:
             "moved": self.moved,
             "removed": self.removed,
             "unchanged": self.unchanged,
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "skipped": [{**path_json(p), "reason": r} for p, r in self.skipped],
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
         }
@@ -59,9 +62,9 @@ def default_workers() -> int:
     return 0 if n <= 2 else max(1, min(8, n // 4))
 
 
-def _share_cores(encoder: Encoder, workers: int) -> None:
+def _share_cores(device: str, workers: int) -> None:
     """Give the model's threads the cores the decode workers leave (unless OMP_NUM_THREADS says otherwise)."""
-    if encoder.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+    if device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
     import torch
 
@@ -125,29 +128,39 @@ def _find_moves(new: list[FileEntry], missing: dict[int, str],
     return moves
 
 
+def _indexed_files(store: Store) -> dict[str, tuple[int, int | None, float | None]]:
+    """The catalog's images keyed like the scan's files: by the path os functions take (catalog paths with
+    escapes, i.e. names that are not UTF-8 or hold a backslash, decoded)."""
+    known = store.image_files()
+    if any("\\" in p for p in known):
+        known = {from_catalog(p): v for p, v in known.items()}
+    return known
+
+
 def default_batch_size(device: str) -> int:
     return DEFAULT_CUDA_BATCH_SIZE if device == "cuda" else DEFAULT_BATCH_SIZE
 
 
-def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size: int | None = None,
-                workers: int | None = None, progress: ProgressFn | None = None,
+def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[str],
+                batch_size: int | None = None, workers: int | None = None, progress: ProgressFn | None = None,
                 commit_every: int = COMMIT_EVERY, thumbnails: bool = True,
                 gpu_decode: bool | None = None) -> IndexReport:
     """Bring the index in line with `roots`: embed new and changed images, re-path moved ones (same content:
     the vector is kept), drop deleted ones. A re-run over an unchanged library only stats files.
 
-    `gpu_decode` None decodes JPEGs with nvJPEG when the model runs on CUDA; True forces that batched path on
-    the encoder's device whatever it is (on the CPU only to test it), False never uses it.
+    `encoder` may be a ModelOnDemand: the model is loaded only when a first image is decoded for embedding,
+    so an unchanged re-run (or one whose only new files are broken) never loads it. `gpu_decode` None
+    decodes JPEGs with nvJPEG when the model runs on CUDA; True forces that batched path on the encoder's
+    device whatever it is (on the CPU only to test it), False never uses it.
     """
-    batch_size = batch_size or default_batch_size(encoder.device)
     started = time.perf_counter()
     found = scan(roots)
-    known = store.image_files()
+    known = _indexed_files(store)
     todo = plan(found.files, known, roots)
     old_shas = store.image_shas([old for _, old in todo.changed] + list(todo.missing))
     moves = _find_moves(todo.new, todo.missing, known, old_shas)
     if moves:
-        store.move_images([(old_id, f.path, f.size, f.mtime) for f, old_id in moves])
+        store.move_images([(old_id, to_catalog(f.path), f.size, f.mtime) for f, old_id in moves])
         moved_paths = {f.path for f, _ in moves}
         todo.new = [f for f in todo.new if f.path not in moved_paths]
         for _, old_id in moves:
@@ -155,41 +168,77 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
     work: list[tuple[FileEntry, int | None]] = [(f, None) for f in todo.new] + list(todo.changed)
     report = IndexReport(unchanged=todo.unchanged, skipped=list(found.skipped), total=len(work),
                          moved=len(moves), kept=todo.kept)
+    if work:
+        _embed(store, encoder, work, report, batch_size or default_batch_size(encoder.device), workers, progress,
+               commit_every, thumbnails, gpu_decode)
+    else:
+        store.record_skipped(report.skipped)
+    report.removed = store.remove_images(todo.missing)
+    stale = set(old_shas.values())
+    prune_thumbs(store.home, stale - store.shas_in_use(stale))
+    if stale:
+        compact_tokens(store)
+    if progress:
+        progress(len(work), len(work))
+    report.seconds = time.perf_counter() - started
+    report.images_per_second = len(work) / report.seconds if report.seconds > 0 and work else 0.0
+    return report
+
+
+def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileEntry, int | None]],
+           report: IndexReport, batch_size: int, workers: int | None, progress: ProgressFn | None,
+           commit_every: int, thumbnails: bool, gpu_decode: bool | None) -> None:
+    """Decode, embed and commit `work` (files, and the id each replaces), filling `report` as it goes."""
     replaces = {f.path: old for f, old in work}
-    tokens = token_cache.writer_for(store.home, encoder, "image", commit_every)  # reranker's token cache
-    committer = _Committer(store, commit_every, before_flush=tokens.flush if tokens else None)
+    device, pre = source.device, source.preprocess
+    use_gpu = wants_gpu_decode(device, gpu_decode)
+    nworkers = (default_gpu_workers() if use_gpu else default_workers()) if workers is None else workers
+    ready: list[tuple[Encoder, token_cache.TokenCacheWriter | None]] = []
+
+    def model() -> tuple[Encoder, token_cache.TokenCacheWriter | None]:
+        """The encoder and the reranker's token-cache writer, made when the first batch needs them."""
+        if not ready:
+            encoder = source if isinstance(source, Encoder) else source()
+            if not use_gpu:
+                _share_cores(device, nworkers)  # after loading: loading sets the model's threads
+            ready.append((encoder, token_cache.writer_for(store.home, encoder, "image", commit_every)))
+        return ready[0]
+
+    def flush_tokens() -> None:  # the token segment is durable before the catalog commit of its images
+        if ready and ready[0][1] is not None:
+            ready[0][1].flush()
+
+    committer = _Committer(store, commit_every, before_flush=flush_tokens)
     batch: list[Decoded] = []
     done = 0
 
     def encode_batch() -> None:
         if not batch:
             return
+        encoder, tokens = model()
         pixels = stack_pixels([d.pixels for d in batch])
         if tokens is not None:  # one vision pass gives the vectors and the reranker's tokens
             vectors, toks = encoder.encode_pixels_with_tokens(pixels)
             tokens.add([d.sha256 for d in batch], toks)
         else:
             vectors = encoder.encode_pixels(pixels)
-        records = [ImageRecord(path=d.entry.path, sha256=d.sha256, bytes=d.entry.size, mtime=d.entry.mtime,
-                               width=d.width, height=d.height, meta=d.meta) for d in batch]
+        records = [ImageRecord(path=to_catalog(d.entry.path), sha256=d.sha256, bytes=d.entry.size,
+                               mtime=d.entry.mtime, width=d.width, height=d.height, meta=d.meta) for d in batch]
         committer.add(records, vectors, [replaces[d.entry.path] for d in batch])
         batch.clear()
 
     home = str(store.home) if thumbnails else None
-    if wants_gpu_decode(encoder.device, gpu_decode):
-        nworkers = default_gpu_workers() if workers is None else workers
-        stream = gpu_decode_stream([f for f, _ in work], encoder.preprocess, encoder.device, nworkers,
-                                   home=home, batch=batch_size)
+    if use_gpu:
+        stream = gpu_decode_stream([f for f, _ in work], pre, device, nworkers, home=home, batch=batch_size)
     else:
-        nworkers = default_workers() if workers is None else workers
-        _share_cores(encoder, nworkers)
+        if isinstance(source, Encoder):
+            _share_cores(device, nworkers)
         lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # keep a batch decoded ahead of the model
-        stream = decode_stream([f for f, _ in work], encoder.preprocess, nworkers, home=home,
-                               lookahead=lookahead)
+        stream = decode_stream([f for f, _ in work], pre, nworkers, home=home, lookahead=lookahead)
     try:
         for res in stream:
             if isinstance(res, Failed):
-                report.skipped.append((res.entry.path, res.reason))
+                report.skipped.append((to_catalog(res.entry.path), res.reason))
                 done += 1
             else:
                 batch.append(res)
@@ -200,7 +249,6 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
             if progress:
                 progress(done, len(work))
         encode_batch()
-        done = len(work)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
@@ -208,17 +256,7 @@ def index_paths(store: Store, encoder: Encoder, roots: Sequence[str], batch_size
         # Whatever was embedded is committed, also on Ctrl-C: the next run resumes after it.
         committer.flush()
         store.record_skipped(report.skipped)
-    report.removed = store.remove_images(todo.missing)
-    stale = set(old_shas.values())
-    prune_thumbs(store.home, stale - store.shas_in_use(stale))
-    if stale:
-        compact_tokens(store)
-    if progress:
-        progress(done, len(work))
-    report.added, report.updated = committer.added, committer.updated
-    report.seconds = time.perf_counter() - started
-    report.images_per_second = len(work) / report.seconds if report.seconds > 0 and work else 0.0
-    return report
+        report.added, report.updated = committer.added, committer.updated
 
 
 def compact_tokens(store: Store, min_dead: int = 64) -> int:
@@ -240,11 +278,18 @@ def compact_tokens(store: Store, min_dead: int = 64) -> int:
     return total - compact(store.home, fp, "image", live)
 
 
-def remove_paths(store: Store, paths: Sequence[str]) -> int:
-    """Drop every indexed image at or under the given paths (files need not exist any more)."""
+def ids_at(store: Store, paths: Sequence[str]) -> set[int]:
+    """Ids of the indexed images at or under the given paths: what `remove_paths` drops (for a preview)."""
     ids: set[int] = set()
     for p in paths:
-        ids.update(store.ids_under(p))
+        ids.update(store.ids_under(to_catalog(os.path.abspath(os.path.expanduser(p)))))
+    return ids
+
+
+def remove_paths(store: Store, paths: Sequence[str]) -> int:
+    """Drop every indexed image at or under the given paths (files need not exist any more; names that are
+    not UTF-8 come as os.fsdecode gives them, and are matched by their catalog path)."""
+    ids = ids_at(store, paths)
     shas = set(store.image_shas(ids).values())
     n = store.remove_images(ids)
     prune_thumbs(store.home, shas - store.shas_in_use(shas))

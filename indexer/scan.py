@@ -10,11 +10,16 @@ from pathlib import Path
 
 from retrieval.config import IMAGE_EXTENSIONS
 from retrieval.errors import InputNotFound
+from retrieval.store.paths import to_catalog
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A candidate image file as the file system describes it."""
+    """A candidate image file as the file system describes it.
+
+    `path` is what os functions take: a name that is not valid UTF-8 keeps its bytes as lone surrogates
+    (surrogateescape); the catalog stores it as `retrieval.store.paths.to_catalog(path)`.
+    """
 
     path: str
     size: int
@@ -23,8 +28,13 @@ class FileEntry:
 
 @dataclass
 class ScanResult:
+    """Files to consider, and what could not be (catalog path, reason): ready to record and to show."""
+
     files: list[FileEntry] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append((to_catalog(path), reason))
 
 
 @dataclass
@@ -42,31 +52,19 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _valid_utf8(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _entry(path: str, result: ScanResult) -> None:
-    if not _valid_utf8(path):
-        result.skipped.append((os.fsencode(path).decode("utf-8", "replace"),
-                               "file name is not valid UTF-8"))
-        return
     try:
         st = os.stat(path)
     except FileNotFoundError:
         reason = "broken symlink" if os.path.islink(path) else "file vanished during the scan"
-        result.skipped.append((path, reason))
+        result.skip(path, reason)
         return
     except OSError as e:
-        result.skipped.append((path, f"cannot stat: {e.strerror or e}"))
+        result.skip(path, f"cannot stat: {e.strerror or e}")
         return
     if not stat.S_ISREG(st.st_mode):
         if not stat.S_ISDIR(st.st_mode):
-            result.skipped.append((path, "not a regular file"))
+            result.skip(path, "not a regular file")
         return
     result.files.append(FileEntry(path=path, size=st.st_size, mtime=st.st_mtime))
 
@@ -83,11 +81,11 @@ def scan(roots: Iterable[str | os.PathLike[str]]) -> ScanResult:
             if _is_image_name(base):
                 _entry(base, result)
             else:
-                result.skipped.append((base, "not an image file extension"))
+                result.skip(base, "not an image file extension")
             continue
 
         def onerror(err: OSError) -> None:
-            result.skipped.append((str(err.filename), f"cannot list folder: {err.strerror or err}"))
+            result.skip(str(err.filename), f"cannot list folder: {err.strerror or err}")
 
         for dirpath, dirnames, filenames in os.walk(base, onerror=onerror):
             dirnames.sort()
@@ -111,7 +109,8 @@ def _under(path: str, root: str) -> bool:
 def plan(files: Iterable[FileEntry], known: Mapping[str, tuple[int, int | None, float | None]],
          roots: Iterable[str | os.PathLike[str]] = ()) -> Plan:
     """Split scanned files into new, changed (same path, other size or mtime) and unchanged, and list the
-    indexed files under `roots` that were not found (deleted or moved).
+    indexed files under `roots` that were not found (deleted or moved). `known` is keyed like `files`: by the
+    path os functions take (catalog paths decoded with `from_catalog`).
 
     A root that yields no files at all while the index holds images under it is left alone (an unmounted
     drive must not empty the index); it is reported in `kept`.

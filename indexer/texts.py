@@ -20,6 +20,8 @@ from retrieval.store import Store, TextRecord
 FORMATS = (".txt", ".csv", ".tsv", ".jsonl")
 _DEFAULT_KEYS = ("caption", "text", "sentence", "alt", "alt_text")
 COMMIT_TEXTS = 4096
+MAX_CORPUS_BYTES = 512 * 1024 * 1024  # a caption file is read whole; a bigger one is refused, not swapped in
+MAX_FIELD_LINES = 64  # a quoted CSV/TSV caption spanning more lines than this is an unclosed quote
 
 
 @dataclass
@@ -59,40 +61,81 @@ def read_corpus(path: str | Path, column: str | None = None, field: str | None =
         raise CorpusError(f"{path}: unsupported caption file type '{ext or '(none)'}' "
                           f"(use {', '.join(FORMATS)})")
     try:
-        text = read_bytes(path).decode("utf-8-sig")
+        text = read_bytes(path, MAX_CORPUS_BYTES, "a caption file").decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: not UTF-8 text (byte {e.start})") from e
-    rows: list[tuple[int, str]] = []
     if ext == ".txt":
         rows = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
     elif ext in (".csv", ".tsv"):
-        try:
-            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
-            key = _pick(list(reader.fieldnames or []), column, "column", path)
-            rows = [(i, (rec.get(key) or "").strip()) for i, rec in enumerate(reader, 1)]
-        except csv.Error as e:
-            raise CorpusError(f"{path}: malformed {ext[1:].upper()} ({e})") from e
+        rows = _read_table(path, text, "\t" if ext == ".tsv" else ",", column)
     else:
-        key = field
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
-            if isinstance(rec, str):
-                rows.append((i, rec.strip()))
-                continue
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{path}: line {i} is neither a JSON object nor a string")
-            if key is None:
-                key = _pick(list(rec.keys()), None, "field", path)
-            value = rec.get(key)
-            if value is None and key not in rec:
-                raise CorpusError(f"{path}: line {i} has no field '{key}'")
-            rows.append((i, str(value if value is not None else "").strip()))
+        rows = _read_jsonl(path, text, field)
     return [(i, t) for i, t in rows if t]
+
+
+def _read_table(path: Path, text: str, delimiter: str, column: str | None) -> list[tuple[int, str]]:
+    """CSV/TSV records, refusing a runaway quote (which would swallow the rest of the file as one caption).
+
+    csv's strict mode catches a quote left open to the end of the file or closed mid-field; a record
+    spanning more than MAX_FIELD_LINES lines catches the rest: no real caption is that long.
+    """
+    what = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    at = 0
+    rows: list[tuple[int, str]] = []
+    while True:
+        start = reader.line_num + 1
+        where = f"row {len(rows) + 1}" if header is not None else "the header"
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise CorpusError(f"{path}: malformed {what} in {where} (from line {start}): {e}; "
+                              "an unclosed quote?") from e
+        if reader.line_num - start >= MAX_FIELD_LINES:
+            raise CorpusError(f"{path}: {where} runs from line {start} to line {reader.line_num}; "
+                              "an unclosed quote?")
+        if not rec:  # a blank line
+            continue
+        if header is None:
+            header = rec
+            key = _pick(header, column, "column", path)
+            at = len(header) - 1 - header[::-1].index(key)  # the last of equal names, as csv.DictReader did
+            continue
+        rows.append((len(rows) + 1, (rec[at] if at < len(rec) else "").strip()))
+    if header is None:
+        _pick([], column, "column", path)  # an empty file: say what is missing
+    return rows
+
+
+def _read_jsonl(path: Path, text: str, field: str | None) -> list[tuple[int, str]]:
+    """One JSON string, or one object with a text field, per line."""
+    rows: list[tuple[int, str]] = []
+    key = field
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
+        if isinstance(rec, str):
+            rows.append((i, rec.strip()))
+            continue
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{path}: line {i} is neither a JSON object nor a string")
+        if key is None:
+            key = _pick(list(rec.keys()), None, "field", path)
+        value = rec.get(key)
+        if value is None and key not in rec:
+            raise CorpusError(f"{path}: line {i} has no field '{key}'")
+        if isinstance(value, (dict, list, bool)):  # str() would store Python's repr, not a caption
+            kind = {dict: "an object", list: "a list", bool: "true/false"}[type(value)]
+            raise CorpusError(f"{path}: line {i}: field '{key}' holds {kind}, not text")
+        rows.append((i, str(value if value is not None else "").strip()))
+    return rows
 
 
 def text_hash(text: str) -> str:

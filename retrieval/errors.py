@@ -57,3 +57,16 @@ class TokensUnsupported(UserError):
 
 class ExportUnsupported(CrossmodalError):
     """The model's towers or tokenizer are not of a kind the ONNX exporter handles (queries stay on torch)."""
+
+
+class DiskFull(UserError):
+    """A write failed for lack of space (ENOSPC, a quota, a short write); the message names the path and what
+    was kept."""
+
+
+class ExportDamaged(CrossmodalError):
+    """An ONNX export's files cannot be loaded (truncated or corrupt): queries fall back to torch, it is made again."""
+
+
+class ReadOnlyHome(UserError):
+    """The index home cannot be written (permissions, a read-only mount): queries work, writers say so."""

@@ -16,11 +16,23 @@ from typing import BinaryIO
 from retrieval.errors import InputNotFound
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a query or corpus file, turning OS errors into one-line user errors."""
+def read_bytes(path: str | os.PathLike[str], limit: int | None = None, what: str = "this file") -> bytes:
+    """Read a query or corpus file, turning OS errors into one-line user errors.
+
+    With `limit`, at most limit+1 bytes are ever read: `--image /dev/zero` or a runaway file is refused
+    with the cap in the message instead of filling memory.
+    """
     p = Path(path)
     try:
-        return p.read_bytes()
+        if limit is None:
+            return p.read_bytes()
+        with open(p, "rb") as f:
+            data = bytearray()
+            while len(data) <= limit:
+                block = f.read(min(1 << 20, limit + 1 - len(data)))
+                if not block:
+                    break
+                data += block
     except FileNotFoundError as e:
         raise InputNotFound(f"no such file: {p}") from e
     except IsADirectoryError as e:
@@ -29,6 +41,9 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
         raise InputNotFound(f"permission denied: {p}") from e
     except OSError as e:
         raise InputNotFound(f"cannot read {p}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise InputNotFound(f"{p} is larger than {limit / 2**20:g} MB, the limit for {what}")
+    return bytes(data)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -107,3 +122,47 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists: temporary files named for a dead one are orphans (True when unsure)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC or a quota, or numpy's short write ('20 requested and 10 written'), which carries no errno."""
+    import errno
+    import re
+
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT)
+                                       or re.search(r"\d+ requested and \d+ written", str(e)) is not None)
+
+
+def can_write(path: str | os.PathLike[str]) -> bool:
+    """Whether this process may write `path` (a folder: create files in it), by the effective ids.
+
+    Root passes every permission check except a read-only mount; a missing path is not writable."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK, effective_ids=effective)
+
+
+def folder_problem(path: Path, what: str = "index home") -> str | None:
+    """Why `path` cannot be a folder (it is a file, or lies under one), else None; missing folders are fine.
+
+    Checked before anything opens it, so `--home afile/sub` is one line, not NotADirectoryError."""
+    for p in (path, *path.parents):
+        try:
+            if p.is_dir():
+                return None
+            if p.exists():
+                return (f"{what} {path} is a file, not a folder" if p == path else
+                        f"{what} {path} is under {p}, which is a file, not a folder")
+        except OSError as e:  # EACCES on a parent, a name too long, ...
+            return f"{what} {path} cannot be used: {e.strerror or e}"
+    return None

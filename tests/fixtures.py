@@ -108,3 +108,14 @@ def empty_home(tmp_path: Path) -> Path:
 @pytest.fixture
 def missing_home(tmp_path: Path) -> Path:
     return tmp_path / "nothing-here"
+
+
+@pytest.fixture
+def cli_state() -> Iterator[None]:
+    """The CLI's module state (--home, read-only) must not leak from one in-process run into the next."""
+    from cli.common import state
+
+    saved = dict(state)
+    yield
+    state.clear()
+    state.update(saved)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,6 +70,16 @@ def start_cli(*args: str, home: Path | None = None, env: Mapping[str, str] | Non
     """Start the CLI in a subprocess of its own session (killable as a group) without waiting."""
     return subprocess.Popen(cli_command(*args, home=home), cwd=ROOT, env=cli_env(env),  # type: ignore[call-overload]
                             start_new_session=True, **popen)
+
+
+def cli_in_process(*args: str, home: Path | None = None) -> Any:
+    """Run the CLI in this process through typer's CliRunner (the console script's code path, minus the
+    process): a click Result with exit_code, stdout and stderr. Use with the `cli_state` fixture."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    return CliRunner().invoke(app, [*(["--home", str(home)] if home else []), *args])
 
 
 def free_port() -> int:

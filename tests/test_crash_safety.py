@@ -148,5 +148,5 @@ def test_schema_1_catalog_is_migrated(tmp_path, encoder, readonly_first):
         assert all(v.camera is None for v in views.values())
     engine = create_engine(f"sqlite:///{home / 'catalog.sqlite'}")
     with engine.begin() as c:
-        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "2"
+        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "3"  # 1 -> 2 -> 3
     engine.dispose()

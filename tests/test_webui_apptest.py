@@ -368,3 +368,78 @@ def test_thumbnails_are_small_and_cached_per_file_version(tmp_path: Path) -> Non
     p.unlink()
     data, missing = services.rendition(str(p))
     assert missing and data == thumbs.placeholder()
+
+
+# ---- hostile names and texts (issue 13): shown literally, never as Markdown ---------------------------------
+HOSTILE_FILE = "[x](www.example.com) me@example.com.jpg"
+HOSTILE_CORPUS = "[c](www.example.com)"
+HOSTILE_CAPTION = "see [here](https://evil.example) **now** :red[alert] :smile:"
+
+
+def literal(md: str) -> bool:
+    """No Markdown a name or caption could carry survives in `md`: no unescaped link, emphasis or colour
+    syntax, and no bare URL, 'www.' or e-mail address that GFM would turn into a live link."""
+    return (not re.search(r"(?<!\\)[\[\]*]", md) and "www." not in md and "://" not in md
+            and not re.search(r"@\w", md) and not re.search(r":\w", md))
+
+
+@pytest.fixture(scope="module")
+def hostile_home(tmp_path_factory: pytest.TempPathFactory, encoder) -> Path:
+    """An index whose file names, corpus name and captions are Markdown (and one skipped file)."""
+    from indexer.pipeline import index_paths
+    from indexer.texts import add_corpus
+    from retrieval.store import Store
+    from tests.helpers import picture
+
+    root = tmp_path_factory.mktemp("hostile") / "photos"
+    root.mkdir()
+    for i, name in enumerate([HOSTILE_FILE, "**bold** _it_ :red[x].png", "plain.jpg"]):
+        picture(100 + i).save(root / name)
+    (root / "empty.jpg").write_bytes(b"")
+    caps = root.parent / "caps.txt"
+    caps.write_text(HOSTILE_CAPTION + "\nmail me@example.com now\n")
+    home = root.parent / "home"
+    with Store.open(home, create=True, writable=True) as store:
+        store.bind_model(encoder.fingerprint)
+        index_paths(store, encoder, [str(root)], batch_size=4, workers=0)
+        add_corpus(store, encoder, caps, corpus=HOSTILE_CORPUS)
+    return home
+
+
+@pytest.mark.slow
+def test_hostile_names_and_captions_render_literally(hostile_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page(hostile_home, monkeypatch, k=None)
+    ok(at)
+    side = " ".join(m.value for m in at.sidebar.markdown)
+    assert "crossmodal skipped" in side and "crossmodal status" not in side  # a command that exists
+    corpora = side.split("**Corpora** ")[1].split("  \n")[0]
+    assert "c" in corpora and "(2)" in corpora and literal(corpora), corpora
+    assert at.text_input(key="query").max_chars == 1000
+    at.text_input(key="query").input("shapes").run()
+    ok(at)
+    grid = [c.value for c in at.caption if c.value.startswith("#")]
+    assert len(grid) == 3 and all(literal(c.split("\n", 1)[1]) for c in grid), grid
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open-Search-")]
+    assert len(opens) == 3
+    for key in opens:  # each image's detail view: its name as the heading, and the best captions
+        at.button(key=key).click().run()
+        ok(at)
+        assert literal(at.subheader[0].value), at.subheader[0].value
+        shown = [m.value for m in at.markdown if "·" in m.value]
+        assert shown and all(literal(m.split("\n")[0]) and literal(m.split(":gray[")[1][:-1].split(" · ")[0])
+                             for m in shown), shown
+        at.button(key="detail-back").click().run()
+    at.radio(key="mode").set_value("Compose").run()
+    assert at.text_input(key="compose_text").max_chars == 1000 and at.text_input(key="compose_not").max_chars == 1000
+
+
+@pytest.mark.slow
+def test_hostile_upload_names_render_literally(hostile_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page(hostile_home, monkeypatch, k=None)
+    at.radio(key="mode").set_value("Image").run()
+    at.file_uploader(key="upload").set_value((HOSTILE_FILE, jpeg_bytes(7), "image/jpeg")).run()
+    ok(at)
+    assert literal(at.image[0].captions[0]), at.image[0].captions
+    at.file_uploader(key="upload").set_value(("[y](www.bad.example).jpg", b"not an image", "image/jpeg")).run()
+    assert not at.exception and len(at.error) == 1
+    assert "not an image crossmodal can read" in at.error[0].value and literal(at.error[0].value), at.error[0].value

@@ -17,7 +17,8 @@ import streamlit as st
 
 from retrieval.config import DEFAULT_WEIGHT
 from retrieval.errors import UserError
-from webui.limits import MAX_UPLOAD_MB
+from retrieval.store.paths import display_path
+from webui.limits import MAX_QUERY_CHARS, MAX_UPLOAD_MB
 from webui.services import Cell, Detail, Options, Summary, human_bytes
 
 log = logging.getLogger("crossmodal.webui")
@@ -33,15 +34,44 @@ def guard(what: str) -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        st.error(str(e))
+        st.error(_md(str(e)))
     except Exception as e:  # noqa: BLE001 - the page must keep working; the log keeps the traceback
         log.exception("webui: %s failed", what)
-        st.error(f"Something went wrong while {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        first = str(e).splitlines()[0] if str(e) else ""
+        st.error(f"Something went wrong while {what}: {type(e).__name__}: {_md(first)}")
+
+
+_MD_SYNTAX = re.compile(r"([\\`*_{}\[\]<>()#+\-!|~:$&])")
+_LINE_BREAKS = re.compile(r"[\r\n\t\f\v\x85\u2028\u2029]")
+_WJ = "\u2060"  # WORD JOINER: invisible, and breaks a pattern without changing what people read
 
 
 def _md(text: str) -> str:
-    """Escape Markdown so catalog text (captions, paths) renders literally."""
-    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~:$])", r"\\\1", text)
+    """Escape Markdown so catalog and upload text (file names, captions, corpus names) renders literally.
+
+    Backslash escapes are not enough on their own: Streamlit's GitHub-flavoured Markdown links bare URLs,
+    'www.' names and e-mail addresses after escapes are resolved (checked in Chromium: `[x](www.example.com)`
+    escaped still made a live link). An invisible word joiner after every ':' (so 'https://'), after 'www'
+    and after '@' breaks those patterns. Line breaks become spaces, so no block syntax (lists, headings,
+    code) can start inside the text.
+    """
+    text = _LINE_BREAKS.sub(" ", text)
+    out = _MD_SYNTAX.sub(r"\\\1", text)
+    out = re.sub(r"^( *\d+)\.", r"\1\\.", out)  # '1. x' would start a list
+    out = re.sub(r"^ +", lambda m: "&#32;" * len(m[0]), out)  # four leading spaces would start a code block
+    out = re.sub(r"(?i)(www)(?=\.)", "\\1" + _WJ, out)
+    return out.replace("\\:", "\\:" + _WJ).replace("@", "@" + _WJ)
+
+
+def _code(text: str) -> str:
+    """Text as an inline code span (shown verbatim), fenced by more backticks than it holds."""
+    ticks = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{ticks} {_LINE_BREAKS.sub(' ', text)} {ticks}"
+
+
+def _md_around(text: str, literal: str) -> str:
+    """`_md(text)`, with each occurrence of `literal` (a folder path) as a code span: readable and copyable."""
+    return _code(literal).join(_md(part) for part in text.split(literal)) if literal else _md(text)
 
 
 def index_sidebar(s: Summary) -> None:
@@ -50,14 +80,14 @@ def index_sidebar(s: Summary) -> None:
     a, b = st.sidebar.columns(2)
     a.metric("Images", f"{s.images:,}")
     b.metric("Captions", f"{s.texts:,}")
-    lines = [f"**Model** `{s.model}`", f"**Size on disk** {human_bytes(s.size_bytes)}",
-             f"**Home** `{s.home}`"]
+    lines = [f"**Model** {_code(s.model)}", f"**Size on disk** {human_bytes(s.size_bytes)}",
+             f"**Home** {_code(s.home)}"]
     if s.corpora:
-        lines.append("**Corpora** " + ", ".join(f"{c} ({n:,})" for c, n in s.corpora.items()))
+        lines.append("**Corpora** " + ", ".join(f"{_md(c)} ({n:,})" for c, n in s.corpora.items()))
     else:
         lines.append("**Corpora** none (captions come from the built-in ImageNet vocabulary)")
     if s.skipped:
-        lines.append(f"**Skipped files** {s.skipped:,} (see `crossmodal status`)")
+        lines.append(f"**Skipped files** {s.skipped:,} (see `crossmodal skipped`)")
     st.sidebar.markdown("  \n".join(lines))
 
 
@@ -67,9 +97,9 @@ def no_index(home: str, problem: str, needs_index: bool, sidebar: bool = True) -
         st.sidebar.header("Index")
         st.sidebar.write("Nothing indexed yet." if needs_index else "Unavailable.")
     if not needs_index:
-        st.error(problem)
+        st.error(_md_around(problem, home))
         return
-    st.warning(problem)
+    st.warning(_md_around(problem, home))
     st.markdown("Build the index from a folder of photos, optionally add caption files, then reload this page:")
     st.code(f"crossmodal --home {home} index ~/Pictures\n"
             f"crossmodal --home {home} add-texts captions.txt", language="bash")
@@ -78,7 +108,7 @@ def no_index(home: str, problem: str, needs_index: bool, sidebar: bool = True) -
 def options_sidebar(folders: Sequence[str], cameras: Sequence[str] = ()) -> Options:
     """Filters and options (camera only when the catalog knows cameras)."""
     st.sidebar.header("Filters")
-    under = st.sidebar.selectbox("Folder", ["All folders", *folders], key="folder",
+    under = st.sidebar.selectbox("Folder", ["All folders", *folders], key="folder", format_func=display_path,
                                  help="Only images in this folder and its subfolders.")
     after = st.sidebar.date_input("Taken from", value=None, key="after", help="EXIF date, else file date.")
     until = st.sidebar.date_input("Taken until", value=None, key="until", help="Inclusive.")
@@ -103,7 +133,8 @@ def mode_picker(on_change: Callable[[], None]) -> str:
 
 
 def query_box() -> str:
-    return st.text_input("Search your photos", key="query", placeholder="a dog running on a beach").strip()
+    return st.text_input("Search your photos", key="query", placeholder="a dog running on a beach",
+                         max_chars=MAX_QUERY_CHARS).strip()
 
 
 def uploaded_file(key: str, label: str) -> tuple[str, bytes] | None:
@@ -126,10 +157,10 @@ class ComposeText:
 def compose_inputs() -> ComposeText:
     """Text modifier, its weight against the image, and the 'not' phrases."""
     a, b = st.columns([3, 1])
-    text = a.text_input("Text modifier", key="compose_text", placeholder="at night")
+    text = a.text_input("Text modifier", key="compose_text", placeholder="at night", max_chars=MAX_QUERY_CHARS)
     weight = b.slider("Text weight", 0.0, 1.0, DEFAULT_WEIGHT, 0.05, key="compose_weight",
                       help="0 = only the image, 1 = only the text.")
-    negatives = st.text_input("Not", key="compose_not", placeholder="people, cars",
+    negatives = st.text_input("Not", key="compose_not", placeholder="people, cars", max_chars=MAX_QUERY_CHARS,
                               help="Steer away from these (comma-separated).")
     return ComposeText(text=text.strip(), weight=float(weight), negatives=negatives)
 
@@ -162,7 +193,7 @@ def caption_list(rows: Sequence[tuple[str, str, float]]) -> None:
 
 
 def upload_preview(name: str, thumb: bytes) -> None:
-    st.image(thumb, caption=name, width=256)
+    st.image(thumb, caption=_md(name), width=256)
 
 
 def back_button(on_back: Callable[[], None]) -> None:
@@ -174,8 +205,8 @@ def detail_header(d: Detail, on_compose: Callable[[int], None]) -> None:
     left, right = st.columns([3, 2])
     left.image(d.preview, width="stretch")
     with right:
-        st.subheader(d.name)
-        st.code(d.path, language=None)
+        st.subheader(_md(d.name))
+        st.code(display_path(d.path), language=None)
         if d.missing:
             st.warning("The file is missing or no longer decodes; results use its stored vector.")
         st.markdown("  \n".join(f"**{k}** {_md(v)}" for k, v in d.facts.items()))

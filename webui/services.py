@@ -29,6 +29,7 @@ from retrieval.query import open as query_open
 from retrieval.query.search import Hit, QueryVector, Searcher
 from retrieval.rerank.reranker import DEFAULT_RERANK_K, Reranker, open_reranker
 from retrieval.store import CATALOG, ImageFilter
+from retrieval.store.paths import display_path, from_catalog
 from retrieval.store.sqlite_reader import SqliteReader
 from webui import thumbs
 from webui.limits import MAX_UPLOAD_MB
@@ -96,7 +97,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Detail:
-    """The detail view of one indexed image."""
+    """The detail view of one indexed image; `path` is its catalog path (what `rendition` takes: show it with
+    retrieval.store.paths.display_path)."""
 
     id: int
     path: str
@@ -140,7 +142,9 @@ def index_signature(home: Path) -> str | None:
         # Not a catalog we can read: let Store.open produce the real message on each run.
         return f"unreadable:{e}:{path.stat().st_mtime_ns}"
     rows = {k: meta[k] for k in SIGNATURE_KEYS if k in meta}
-    return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()[:16]
+    # The home is part of it: the cached sidebar, folders and cameras are keyed on the signature alone, and two
+    # homes with the same model and generations must not share them.
+    return hashlib.sha256(repr((str(home), sorted(rows.items()))).encode()).hexdigest()[:16]
 
 
 @st.cache_resource(show_spinner=False)
@@ -277,16 +281,18 @@ def captions(searcher: Searcher, q: np.ndarray, k: int = CAPTIONS_K) -> list[tup
 # ---- thumbnails -----------------------------------------------------------------------------------
 @st.cache_data(max_entries=4000, show_spinner=False)
 def _rendition(path: str, key: tuple[int, int], px: int, square: bool) -> bytes | None:
-    """Cached per (path, mtime, size, px); `path` always comes from the catalog, never from the browser."""
-    return thumbs.render_file(path, px, square)
+    """Cached per (path, mtime, size, px); `path` always comes from the catalog, never from the browser.
+    Catalog paths are valid text (cache keys hash them); the file is opened by its exact bytes."""
+    return thumbs.render_file(from_catalog(path), px, square)
 
 
 def rendition(path: str, px: int = thumbs.THUMB_PX, square: bool = True) -> tuple[bytes, bool]:
     """(JPEG bytes, missing) for an indexed file: a placeholder when it is gone or broken.
 
-    Grid thumbnails are square crops (an even grid); the detail view asks for the whole picture.
+    Grid thumbnails are square crops (an even grid); the detail view asks for the whole picture. `path` is a
+    catalog path (retrieval.store.paths).
     """
-    key = thumbs.file_key(path)
+    key = thumbs.file_key(from_catalog(path))
     data = _rendition(path, key, px, square) if key else None
     return (data, False) if data else (thumbs.placeholder(px), True)
 
@@ -294,7 +300,7 @@ def rendition(path: str, px: int = thumbs.THUMB_PX, square: bool = True) -> tupl
 def _date(taken_at: str | None, path: str) -> str:
     if taken_at:
         return taken_at[:10]
-    key = thumbs.file_key(path)
+    key = thumbs.file_key(from_catalog(path))
     return datetime.fromtimestamp(key[0] / 1e9).date().isoformat() if key else ""
 
 
@@ -306,7 +312,7 @@ def _stored_square(thumb_file: str, key: tuple[int, int], px: int) -> bytes | No
 
 def grid_thumb(path: str, sha: str | None, home: Path | None) -> tuple[bytes, bool]:
     """The indexer's stored thumbnail when there is one and the original still exists, else a fresh one."""
-    if sha and home is not None and thumbs.file_key(path):
+    if sha and home is not None and thumbs.file_key(from_catalog(path)):
         stored = str(thumb_path(home, sha))
         key = thumbs.file_key(stored)
         data = _stored_square(stored, key, thumbs.THUMB_PX) if key else None
@@ -321,7 +327,7 @@ def cells(hits: Sequence[Hit], home: Path | None = None) -> list[Cell]:
     for h in hits:
         path = h.item.path or ""
         thumb, missing = grid_thumb(path, h.item.sha256, home)
-        out.append(Cell(id=h.id, rank=h.rank, score=h.score, name=os.path.basename(path),
+        out.append(Cell(id=h.id, rank=h.rank, score=h.score, name=os.path.basename(display_path(path)),
                         date=_date(h.item.taken_at, path), thumb=thumb, missing=missing))
     return out
 
@@ -332,7 +338,8 @@ def detail(searcher: Searcher, item_id: int) -> Detail:
     if item is None or item.modality != "image" or not item.path:
         raise UserError(f"image {item_id} is no longer in the index")
     preview, missing = rendition(item.path, thumbs.PREVIEW_PX, square=False)
-    facts = {"folder": os.path.dirname(item.path),
+    shown = display_path(item.path)  # U+FFFD for bytes that are not UTF-8; rendition opens the exact name
+    facts = {"folder": os.path.dirname(shown),
              "size": f"{item.width} x {item.height} px" if item.width else "",
              "file size": human_bytes(item.bytes) if item.bytes else "",
              "taken": item.taken_at or "",
@@ -341,5 +348,5 @@ def detail(searcher: Searcher, item_id: int) -> Detail:
              and item.gps_lon is not None else "",
              "file date": "" if item.taken_at else _date(None, item.path),
              "id": str(item.id)}
-    return Detail(id=item.id, path=item.path, name=os.path.basename(item.path), preview=preview, missing=missing,
+    return Detail(id=item.id, path=item.path, name=os.path.basename(shown), preview=preview, missing=missing,
                   facts={k: v for k, v in facts.items() if v})

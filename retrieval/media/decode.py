@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +50,18 @@ class Preprocess:
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
     fill_color: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        """As recorded in the catalog and in ONNX exports."""
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resize_mode": self.resize_mode,
+                "interpolation": self.interpolation, "fill_color": self.fill_color}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Preprocess:
+        mean, std = (float(v) for v in raw["mean"]), (float(v) for v in raw["std"])
+        return cls(size=int(raw["size"]), mean=(next(mean), next(mean), next(mean)),
+                   std=(next(std), next(std), next(std)), resize_mode=str(raw["resize_mode"]),
+                   interpolation=str(raw["interpolation"]), fill_color=int(raw["fill_color"]))
 
 
 @dataclass(frozen=True)

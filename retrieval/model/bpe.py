@@ -4,6 +4,14 @@ open_clip's tokenizer is pure Python, but importing open_clip imports torch (sec
 not. This is the same algorithm (OpenAI CLIP, MIT licence, as vendored by open_clip) reading the same BPE
 merges file, returning numpy int64 ids. ftfy, which only matters for text that is not plain ASCII, is
 imported on first need.
+
+CLIP reads 77 tokens, but BPE's merge loop is quadratic in the length of one word (a 100 KB query without
+spaces took a minute). `cap_text` cuts what can never reach the context before any of that runs: the text
+to CHARS_PER_TOKEN characters per context position, and every run of letters (or of other symbols, which
+BPE also takes whole) to BYTES_PER_TOKEN characters per position, the most one token can cover, so a capped
+run still fills the context. The torch path applies the same caps before open_clip's tokenizer, so both
+give the ids open_clip gives for the capped text, and the same as for the uncut text whenever its first 77
+tokens lie inside the caps (every text but pathological ones).
 """
 
 from __future__ import annotations
@@ -23,6 +31,29 @@ MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x2 (plain, word-final),
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 _PLAIN = frozenset(string.printable) - {"&", "\x0b", "\x0c"}
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+BYTES_PER_TOKEN = 32  # the longest token of CLIP's vocabulary covers 32 bytes (eight 4-byte emoji)
+CHARS_PER_TOKEN = 64  # text kept per context position: room for whitespace, markup and long tokens
+_RUN = r"[\p{L}]{%d}[\p{L}]+|[^\s\p{L}\p{N}]{%d}[^\s\p{L}\p{N}]+"  # what BPE merges as one word
+
+
+@lru_cache
+def _long_run(chars: int) -> regex.Pattern[str]:
+    return regex.compile(_RUN % (chars, chars))
+
+
+def cap_text(text: str, context_length: int = 77) -> str:
+    """`text` cut to what can reach a context of `context_length` tokens (see the module doc): at most
+    CHARS_PER_TOKEN * context_length characters, each run BPE takes as one word at most BYTES_PER_TOKEN *
+    (context_length - 1) characters (which make that many tokens or more). Short texts come back unchanged."""
+    text = text[:CHARS_PER_TOKEN * context_length]
+    run = BYTES_PER_TOKEN * max(1, context_length - 1)
+    if len(text) <= run:
+        return text
+    return str(_long_run(run).sub(lambda m: m.group()[:run], text))
+
+
+def cap_texts(texts: Sequence[str], context_length: int = 77) -> list[str]:
+    return [cap_text(t, context_length) for t in texts]
 
 
 @lru_cache
@@ -87,7 +118,8 @@ def read_merges(path: str | Path, count: int = MERGES) -> list[str]:
 class BpeTokenizer:
     """Texts -> (n, context_length) int64 token ids: start token, BPE ids, end token, zero padding.
 
-    Texts longer than the context are truncated and end with the end token, as open_clip does.
+    Texts longer than the context are truncated and end with the end token, as open_clip does; input that
+    cannot reach the context is cut first (`cap_text`), so no text takes long.
     """
 
     def __init__(self, bpe_path: str | Path, context_length: int = 77, clean: str = "lower",
@@ -165,7 +197,7 @@ class BpeTokenizer:
         n = context_length or self.context_length
         out = np.zeros((len(texts), n), dtype=np.int64)
         for row, text in enumerate(texts):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            ids = [self.sot_token_id, *self.encode(cap_text(text, n)), self.eot_token_id]
             if len(ids) > n:
                 ids = ids[:n]
                 ids[-1] = self.eot_token_id

@@ -17,19 +17,25 @@ token-feature methods, dim, fingerprint, preprocess, device, precision), with fl
 towers give none (see token_features.check_token_support) are exported without them and say why in `check_tokens`.
 Exports of an older EXPORT_VERSION (version 1 had no token outputs) live under another key, so they are
 never read; the next export replaces them.
+
+The export is a cache: files whose sizes disagree with export.json (`inspect_export`, at open) or that
+ONNX Runtime cannot load (at first use) make it damaged; the query path moves it aside (onnx_upkeep) and
+answers on torch through `OnnxEncoder.fallback` while it is made again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import numpy as np
 
+from retrieval.errors import ExportDamaged
 from retrieval.media.decode import Preprocess
 from retrieval.model.protocol import Encoder, unit_rows
 from retrieval.model.spec import Fingerprint
@@ -67,23 +73,41 @@ def unsupported_marker(home: str | Path, fp: Fingerprint) -> Path:
 
 
 def read_export_meta(folder: Path, fp: Fingerprint) -> dict[str, Any] | None:
-    """The export's metadata if the folder is a complete export of exactly this model, else None."""
+    """The export's metadata if the folder is a complete, undamaged export of exactly this model, else None."""
+    return inspect_export(folder, fp)[0]
+
+
+def inspect_export(folder: Path, fp: Fingerprint) -> tuple[dict[str, Any] | None, str | None]:
+    """(metadata, None) for a usable export of exactly this model; (None, why) for one of this model and version
+    that is damaged: a file missing or not of the size export.json records (a full disk, a killed copy);
+    (None, None) when there is none, or it was optimised by another onnxruntime (made again, not damaged)."""
     try:
-        meta: dict[str, Any] = json.loads((folder / EXPORT_META).read_text())
-    except (OSError, ValueError):
-        return None
-    m = meta.get("fingerprint", {})
-    if (meta.get("version") != EXPORT_VERSION
-            or (m.get("model"), m.get("weights"), m.get("dim")) != (fp.model, fp.weights, fp.dim)):
-        return None
+        raw = (folder / EXPORT_META).read_text()
+    except OSError:
+        return None, None
     try:
-        files = (TEXT_FILE, IMAGE_FILE, ZERO_SHOT_FILE, meta["tokenizer"]["bpe"], *meta["bytes"])
+        meta: dict[str, Any] = json.loads(raw)
+        m = meta.get("fingerprint", {})
+        ours = (meta.get("version") == EXPORT_VERSION
+                and (m.get("model"), m.get("weights"), m.get("dim")) == (fp.model, fp.weights, fp.dim))
+    except (ValueError, AttributeError):
+        return None, f"{EXPORT_META} is unreadable"
+    if not ours:
+        return None, None
+    try:
+        sizes = {str(k): int(v) for k, v in meta["bytes"].items() if k != EXPORT_META}  # rewritten after
+        files = (TEXT_FILE, IMAGE_FILE, ZERO_SHOT_FILE, meta["tokenizer"]["bpe"], *sizes)
         meta["preprocess"]["size"], meta["tokens"]["supported"]
-    except (KeyError, TypeError):
-        return None
-    if not all((folder / name).is_file() for name in files) or not _same_runtime(meta):
-        return None
-    return meta
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None, f"{EXPORT_META} lacks what it records"
+    for name in files:
+        try:
+            have = (folder / name).stat().st_size
+        except OSError:
+            return None, f"{name} is missing"
+        if have != sizes.get(name, have):
+            return None, f"{name} has {have} bytes, {EXPORT_META} records {sizes[name]}"
+    return (meta, None) if _same_runtime(meta) else (None, None)
 
 
 def _same_runtime(meta: dict[str, Any]) -> bool:
@@ -129,8 +153,33 @@ def session_options() -> Any:
     return so
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _or_fallback(method: Callable[Concatenate[OnnxEncoder, P], R]) -> Callable[Concatenate[OnnxEncoder, P], R]:
+    """Run on the export; once its files turn out damaged (ExportDamaged), on the encoder `fallback` gives."""
+
+    @functools.wraps(method)
+    def run(self: OnnxEncoder, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.instead is None:
+            try:
+                return method(self, *args, **kwargs)
+            except ExportDamaged as e:
+                if self.fallback is None:
+                    raise
+                self.instead = self.fallback(str(e))
+        return cast(R, getattr(self.instead, method.__name__)(*args, **kwargs))
+
+    return cast("Callable[Concatenate[OnnxEncoder, P], R]", run)
+
+
 class OnnxEncoder(Encoder):
-    """A model's exported towers on ONNX Runtime (CPU, fp32); sessions open on first use of each tower."""
+    """A model's exported towers on ONNX Runtime (CPU, fp32); sessions open on first use of each tower.
+
+    `fallback(why)`, when set (query.open sets it), gives the encoder that answers instead once a file of the
+    export cannot be loaded; without it such a failure raises ExportDamaged.
+    """
 
     device = "cpu"
     precision = "fp32"
@@ -147,6 +196,8 @@ class OnnxEncoder(Encoder):
                                      fill_color=int(p["fill_color"]))
         self._sessions: dict[str, Any] = {}
         self._tokenizer: Any = None
+        self.fallback: Callable[[str], Encoder] | None = None
+        self.instead: Encoder | None = None
 
     @classmethod
     def open(cls, home: str | Path, fp: Fingerprint) -> OnnxEncoder | None:
@@ -160,8 +211,14 @@ class OnnxEncoder(Encoder):
         if s is None:
             import onnxruntime as ort
 
-            s = ort.InferenceSession(str(self.folder / name), sess_options=session_options(),
-                                     providers=["CPUExecutionProvider"])
+            try:
+                s = ort.InferenceSession(str(self.folder / name), sess_options=session_options(),
+                                         providers=["CPUExecutionProvider"])
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - what ONNX Runtime raises for a corrupt graph varies
+                raise ExportDamaged(f"{name} cannot be loaded: {type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:160]}") from e
             self._sessions[name] = s
         return s
 
@@ -171,11 +228,15 @@ class OnnxEncoder(Encoder):
             from retrieval.model.bpe import BpeTokenizer
 
             t = self.meta["tokenizer"]
-            self._tokenizer = BpeTokenizer(self.folder / t["bpe"], context_length=int(t["context_length"]),
-                                           clean=t["clean"],
-                                           additional_special_tokens=t.get("additional_special_tokens") or ())
+            try:
+                self._tokenizer = BpeTokenizer(self.folder / t["bpe"], context_length=int(t["context_length"]),
+                                               clean=t["clean"],
+                                               additional_special_tokens=t.get("additional_special_tokens") or ())
+            except Exception as e:  # noqa: BLE001 - a corrupt BPE file: gzip, unicode or merge-table errors
+                raise ExportDamaged(f"{t['bpe']} cannot be read: {type(e).__name__}") from e
         return self._tokenizer
 
+    @_or_fallback
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts; each batch (similar lengths together) runs only up to its longest text."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -215,6 +276,7 @@ class OnnxEncoder(Encoder):
         mask = (pos >= 1) & (pos <= eot[:, None])
         return unit_rows(pooled), np.asarray(feats, dtype=np.float32), mask
 
+    @_or_fallback
     def encode_text_tokens(self, texts: Sequence[str]) -> Any:
         """Per-token text features of one batch of texts (token_features.TextTokens, padded to the longest)."""
         from retrieval.model.token_features import TextTokens
@@ -222,6 +284,7 @@ class OnnxEncoder(Encoder):
         pooled, feats, mask = self._text_pass(self.tokenizer(list(texts)))
         return TextTokens(tokens=feats, mask=mask, pooled=pooled)
 
+    @_or_fallback
     def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
                                  ) -> tuple[np.ndarray, list[np.ndarray]]:
         """ONE text pass, batched like encode_texts: (its vectors, each text's valid tokens (n_i, d))."""
@@ -233,6 +296,7 @@ class OnnxEncoder(Encoder):
         return batched_text_tokens(len(texts), self.dim, tokens.argmax(axis=1) + 1, batch_size,
                                    lambda sel: self._text_pass(tokens[sel]))
 
+    @_or_fallback
     def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ONE vision pass: (unit pooled vectors (B,d) equal to encode_pixels, token features (B,1+P,d))."""
         self.check_tokens()
@@ -247,6 +311,7 @@ class OnnxEncoder(Encoder):
         std = np.asarray(self.preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
         return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
+    @_or_fallback
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a batch of prepared uint8 images (see media.decode.prepare)."""
         if len(pixels) == 0:
@@ -254,7 +319,11 @@ class OnnxEncoder(Encoder):
         return unit_rows(self._session(IMAGE_FILE).run(["embedding"],
                                                              {"pixels": self.pixels_to_array(pixels)})[0])
 
+    @_or_fallback
     def zero_shot_metadata(self) -> tuple[list[str], list[str]]:
         """ImageNet class names and prompt templates ('{}' marks the class), copied at export time."""
-        data = json.loads((self.folder / ZERO_SHOT_FILE).read_text(encoding="utf-8"))
-        return list(data["classnames"]), list(data["templates"])
+        try:
+            data = json.loads((self.folder / ZERO_SHOT_FILE).read_text(encoding="utf-8"))
+            return list(data["classnames"]), list(data["templates"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportDamaged(f"{ZERO_SHOT_FILE} cannot be read: {type(e).__name__}") from e

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import ExportUnsupported, TokensUnsupported
-from retrieval.fsutil import fsync_dir, fsync_tree
+from retrieval.fsutil import fsync_dir, fsync_tree, is_disk_full
 from retrieval.model.bpe import BPE_FILE
 from retrieval.model.onnx_encoder import (
     EXPORT_META,
@@ -56,6 +56,7 @@ from retrieval.model.onnx_graphs import (
     make_modules,
     traceable_attention,
 )
+from retrieval.model.onnx_upkeep import clear_failure, record_failure, sweep_exports
 
 OPSET = 17
 MIN_COSINE = 0.9999
@@ -265,17 +266,7 @@ def _install(tmp: Path, final: Path, fp: Any) -> None:
 
 def _sweep(root: Path) -> None:
     """Remove temporary folders left by exporters that died (killed mid-export): their pid is gone."""
-    for p in root.glob(".*.*.*"):
-        parts = p.name.split(".")
-        if len(parts) < 4 or parts[-1] not in ("tmp", "old") or not parts[2].isdigit():
-            continue
-        try:
-            os.kill(int(parts[2]), 0)
-            continue  # still running (or not ours to signal): leave it
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            continue
+    sweep_exports(root)
 
 
 def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] | None = None,
@@ -283,7 +274,8 @@ def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] 
     """The export for `encoder`'s model in `home`, made now if missing; None (and one line) if it cannot be.
 
     Never raises (but for interrupts): a failed export costs fast queries, never an index run or a query.
-    `on_start` is called only when an export actually starts.
+    `on_start` is called only when an export actually starts. A failure is recorded (onnx_upkeep) so that
+    queries back off for a while; this function itself always tries (`crossmodal index` retries).
     """
     say = notify or (lambda _msg: None)
     fp = encoder.fingerprint
@@ -300,13 +292,23 @@ def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] 
     try:
         if on_start is not None:
             on_start()
-        return export_onnx(encoder, home)
+        made = export_onnx(encoder, home)
+        clear_failure(home, fp)
+        return made
     except ExportUnsupported as e:
         say(f"{fp.model} cannot be exported to ONNX ({e}); queries will use torch")
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(e) + "\n")
     except Exception as e:  # noqa: BLE001 - a failed export must never fail the command that asked for it
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        say(f"ONNX export failed ({type(e).__name__}: {first}); queries will use torch")
+        if is_disk_full(e):
+            where = getattr(e, "filename", None) or export_root(home)
+            what = f"disk full writing {where}"
+            say(f"ONNX export failed: {what}; nothing of it was kept and the index is unchanged (the export is "
+                f"a cache); queries will use torch, and try again in an hour or after `crossmodal index`")
+        else:
+            what = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            say(f"ONNX export failed ({what}); queries will use torch, and try again in an hour or after "
+                f"`crossmodal index`")
+        record_failure(home, fp, what)
     return None

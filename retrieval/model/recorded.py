@@ -7,31 +7,43 @@ moved or changed checkpoint file, and checks the loaded model against the record
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from retrieval.errors import ModelMismatch, ModelUnavailable
+from retrieval.media.decode import Preprocess
 from retrieval.model.protocol import Encoder
-from retrieval.model.spec import Fingerprint, ModelSpec
+from retrieval.model.spec import Fingerprint, ModelSpec, resolve_device
 from retrieval.model.torch_encoder import TorchEncoder, load_encoder
 from retrieval.model.weights import file_sha256
+
+PREPROCESS_KEY = "preprocess"  # the meta entry holding the model's input geometry and normalisation
 
 
 class ModelRecord(Protocol):
     """What an index tells about its model (a Store, opened read-only or for writing)."""
 
     fingerprint: Fingerprint | None
+    home: Path
 
     def checkpoint_stat(self) -> dict[str, int] | None: ...
+
+    def get_meta(self, key: str) -> str | None: ...
 
 
 class _NoIndex:
     """The record of a home without an index: no model yet, so the one asked for (or the default) is used."""
 
     fingerprint: Fingerprint | None = None
+    home = Path(".")
 
     def checkpoint_stat(self) -> dict[str, int] | None:
+        return None
+
+    def get_meta(self, key: str) -> str | None:
         return None
 
 
@@ -42,6 +54,8 @@ class WritableRecord(ModelRecord, Protocol):
     """A store opened for writing: it can record the model of a new index."""
 
     def bind_model(self, fp: Fingerprint, checkpoint_stat: dict[str, int] | None = None) -> None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
 
 
 def checkpoint_stat(path: str) -> dict[str, int] | None:
@@ -119,7 +133,66 @@ def open_model(record: ModelRecord, model: str | None = None, pretrained: str | 
 
 
 def record_model(store: WritableRecord, encoder: Encoder) -> None:
-    """Record `encoder`'s model in a new index (with the checkpoint's size and mtime, to skip re-hashing it),
-    or refuse one that differs from the recorded model."""
+    """Record `encoder`'s model in a new index (with the checkpoint's size and mtime, to skip re-hashing it,
+    and its preprocessing, so later runs decode without loading it), or refuse one that differs from the
+    recorded model."""
     fp = encoder.fingerprint
     store.bind_model(fp, checkpoint_stat(fp.pretrained) if fp.weights.startswith("sha256:") else None)
+    pre = json.dumps(encoder.preprocess.to_json(), sort_keys=True)
+    if store.get_meta(PREPROCESS_KEY) != pre:
+        store.set_meta(PREPROCESS_KEY, pre)
+
+
+def recorded_preprocess(record: ModelRecord) -> Preprocess | None:
+    """The recorded model's input geometry without loading it: from the catalog (recorded since this
+    version), else from the index's ONNX export of the model; None when neither has it."""
+    raw = record.get_meta(PREPROCESS_KEY)
+    if raw:
+        try:
+            return Preprocess.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError):
+            return None
+    if record.fingerprint is None:
+        return None
+    from retrieval.model.onnx_encoder import export_dir, read_export_meta
+
+    meta = read_export_meta(export_dir(record.home, record.fingerprint), record.fingerprint)
+    return Preprocess.from_json(meta["preprocess"]) if meta is not None else None
+
+
+class ModelOnDemand:
+    """The index's model, loaded when a first image actually needs embedding; what decoding needs before
+    that (preprocessing, the device it will run on) comes from the index's record, so a run with nothing
+    to embed, or whose only new files fail to decode, never loads a model."""
+
+    def __init__(self, load: Callable[[], Encoder], preprocess: Preprocess, device: str = "auto") -> None:
+        self._load = load
+        self.preprocess = preprocess
+        self._device = device
+        self._model: Encoder | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def if_loaded(self) -> Encoder | None:
+        """The model if it is in memory already, else None (never loads it)."""
+        return self._model
+
+    @property
+    def device(self) -> str:
+        """Where the model runs (resolving "auto" imports torch, never the model)."""
+        if self._model is not None:
+            return self._model.device
+        self._device = resolve_device(self._device)
+        return self._device
+
+    def __call__(self) -> Encoder:
+        """The model, loaded on the first call."""
+        if self._model is None:
+            model = self._load()
+            if model.preprocess != self.preprocess:  # the record is from this model: never expected
+                raise ModelMismatch(f"{model.fingerprint.describe()} preprocesses images differently from what "
+                                    f"this index recorded; index into a new --home")
+            self._model = model
+        return self._model

@@ -104,6 +104,13 @@ class TorchEncoder(Encoder):
                 with torch.autocast(device_type=self.device, dtype=dtype):
                     yield
 
+    def _tokens(self, texts: Sequence[str]) -> Any:
+        """open_clip's token ids of `texts` cut first to what can reach the context (bpe.cap_text): its BPE is
+        quadratic in a word's length, and the ONNX path's tokenizer cuts the same way, so the ids stay equal."""
+        from retrieval.model.bpe import cap_texts
+
+        return self.tokenizer(cap_texts(texts, int(getattr(self.tokenizer, "context_length", 77) or 77)))
+
     @staticmethod
     def _normalise(x: Any) -> np.ndarray:
         """A torch batch of vectors -> unit float32 rows in numpy."""
@@ -136,7 +143,7 @@ class TorchEncoder(Encoder):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        tokens = self.tokenizer(list(texts))
+        tokens = self._tokens(texts)
         order = np.argsort(_token_lengths(tokens), kind="stable")
         for i in range(0, len(order), batch_size):
             sel = order[i:i + batch_size]
@@ -168,7 +175,7 @@ class TorchEncoder(Encoder):
         from retrieval.model.token_features import TextTokens, text_forward
 
         with self._inference():
-            pooled, feats, mask = text_forward(self.model, self.tokenizer(list(texts)).to(self.device))
+            pooled, feats, mask = text_forward(self.model, self._tokens(texts).to(self.device))
             return TextTokens(tokens=feats.float().cpu().numpy(), mask=mask.cpu().numpy(),
                               pooled=self._normalise(pooled))
 
@@ -179,7 +186,7 @@ class TorchEncoder(Encoder):
 
         if not len(texts):
             return np.zeros((0, self.dim), np.float32), []
-        tokens = self.tokenizer(list(texts))
+        tokens = self._tokens(texts)
 
         def run(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             with self._inference():

@@ -4,7 +4,9 @@ It opens the store read-only and picks the encoder that answers its queries:
 ONNX Runtime (no torch import, ~1 s processes) when the index has an export of its model and the query runs
 on the CPU in fp32 (queries on the CPU always do unless --precision says otherwise), else the recorded model
 on torch. A missing export is made on that first query (which torch answers), so the next one is fast.
-Every fallback says why in one line through `notify`.
+A damaged export (files cut short, or one ONNX Runtime cannot load at first use) is removed and made again
+the same way; after a failed export, queries stay on torch for a while (onnx_upkeep.export_backoff) rather
+than retry a long export each time. Every fallback says why in one line through `notify`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.errors import IndexMissing, UserError
-from retrieval.model.onnx_encoder import OnnxEncoder, older_exports, onnxruntime_problem, unsupported_marker
+from retrieval.model.onnx_encoder import (
+    OnnxEncoder,
+    export_dir,
+    inspect_export,
+    older_exports,
+    onnxruntime_problem,
+    unsupported_marker,
+)
+from retrieval.model.onnx_upkeep import drop_export
 from retrieval.model.protocol import Encoder
 from retrieval.model.recorded import open_model, requested_spec
+from retrieval.model.spec import Fingerprint
 from retrieval.query.search import Searcher
 from retrieval.store import Store
 
@@ -49,6 +60,7 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
         raise IndexMissing(f"the index in {store.home} is empty; run `crossmodal index FOLDER` first")
     use_onnx = backend == "onnx" or (backend == "auto" and _cpu_fp32(device, precision))
     reason: str | None = None
+    damaged: str | None = None
     if use_onnx:
         if model or pretrained:
             requested_spec(store, model, pretrained, device, precision)  # same refusals as the torch path
@@ -56,7 +68,8 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
         if reason is None:
             enc = OnnxEncoder.open(store.home, fp)
             if enc is not None:
-                return enc
+                return _with_fallback(enc, store.home, model, pretrained, device, precision, say)
+            damaged = _drop_if_damaged(store.home, fp)
             marker = unsupported_marker(store.home, fp)
             if marker.is_file():
                 reason = f"{fp.model} has no ONNX export ({_first_line(marker)})"
@@ -64,23 +77,61 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
             raise UserError(f"--backend onnx: {reason}")
     encoder = open_model(store, model, pretrained, device, precision, purpose="query")
     if use_onnx and reason is None:
-        if older_exports(store.home, fp):
-            say("the ONNX export of this index's model is from an older crossmodal (no token outputs for "
-                "reranking): this query runs on torch while it is re-exported (once)")
-        else:
-            say("no ONNX export of this index's model yet: this query runs on torch while it is exported "
-                "(once) for fast queries")
-        from retrieval.model.onnx_export import ensure_export
-
-        folder = ensure_export(encoder, store.home, say)
+        folder = _export_on_torch(encoder, store.home, fp, say, damaged)
         if backend == "onnx":
             enc = OnnxEncoder.open(store.home, fp) if folder is not None else None
             if enc is None:
                 raise UserError("--backend onnx: the ONNX export failed (see above)")
-            return enc
+            return _with_fallback(enc, store.home, model, pretrained, device, precision, say)
     elif reason:
         say(f"{reason}; answering with torch")
     return encoder
+
+
+def _drop_if_damaged(home: Path, fp: Fingerprint) -> str | None:
+    """What is wrong with the model's export if it is damaged (and whether it could be removed), else None."""
+    folder = export_dir(home, fp)
+    problem = inspect_export(folder, fp)[1]
+    if problem is None:
+        return None
+    return f"{problem}; {'removed' if drop_export(folder) else 'it cannot be removed (read-only home?)'}"
+
+
+def _export_on_torch(encoder: Encoder, home: Path, fp: Fingerprint, say: Notify,
+                     damaged: str | None = None) -> Path | None:
+    """Say in one line why this query runs on torch, and export for the next queries unless an export failed
+    a short while ago (then say when it is tried again)."""
+    from retrieval.model.onnx_export import ensure_export
+    from retrieval.model.onnx_upkeep import export_backoff
+
+    older = older_exports(home, fp)
+    what = (f"the ONNX export of this index's model was damaged ({damaged})" if damaged
+            else "the ONNX export of this index's model is from an older crossmodal (no token outputs for "
+                 "reranking)" if older else "no ONNX export of this index's model yet")
+    wait = export_backoff(home, fp)
+    if wait:
+        say(f"{what}: this query runs on torch; {wait}")
+        return None
+    say(f"{what}: this query runs on torch while it is {'re-exported' if older else 'exported'} (once)"
+        + ("" if older else " for fast queries"))
+    return ensure_export(encoder, home, say)
+
+
+def _with_fallback(enc: OnnxEncoder, home: Path, model: str | None, pretrained: str | None, device: str,
+                   precision: str, say: Notify) -> OnnxEncoder:
+    """Arm `enc` for a file of its export that fails to load mid-query: then the model on torch answers
+    (opened through the home, so a long-lived encoder outlives the store it came with), and the export is
+    removed and made again."""
+
+    def on_torch(why: str) -> Encoder:
+        gone = "removed" if drop_export(enc.folder) else "it cannot be removed (read-only home?)"
+        with Store.open(home) as store:
+            encoder = open_model(store, model, pretrained, device, precision, purpose="query")
+        _export_on_torch(encoder, home, enc.fingerprint, say, f"{why}; {gone}")
+        return encoder
+
+    enc.fallback = on_torch
+    return enc
 
 
 def open_index(home: str | Path, model: str | None = None, pretrained: str | None = None, device: str = "auto",

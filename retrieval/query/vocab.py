@@ -18,14 +18,36 @@ from retrieval.fsutil import atomic_file
 
 if TYPE_CHECKING:
     from retrieval.model.protocol import Encoder
+    from retrieval.model.spec import Fingerprint
 
 BUILTIN_CORPUS = "builtin:imagenet"
 
 
-def _cache_path(home: Path, encoder: Encoder) -> Path:
-    fp = encoder.fingerprint
+def _cache_path(home: Path, fp: Fingerprint) -> Path:
     key = hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|v1".encode()).hexdigest()[:16]
     return home / "vocab" / f"imagenet-{key}.npz"
+
+
+def _read_cache(home: Path, fp: Fingerprint) -> tuple[list[str] | None, np.ndarray] | None:
+    """(texts or None for a cache from before texts were stored, vectors) of a sound cache, else None."""
+    path = _cache_path(home, fp)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            vectors = np.asarray(z["vectors"], dtype=np.float32)
+            texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache is simply rebuilt
+    if vectors.ndim != 2 or vectors.shape[1] != fp.dim or (texts is not None and len(texts) != len(vectors)):
+        return None
+    return texts, vectors
+
+
+def cached_vocabulary_vectors(home: Path, fp: Fingerprint) -> np.ndarray | None:
+    """The built-in vocabulary's vectors if they are cached for this model (no model, no open_clip)."""
+    found = _read_cache(home, fp)
+    return found[1] if found is not None else None
 
 
 def _zero_shot(encoder: Encoder) -> tuple[list[str], list[Callable[[str], str]]]:
@@ -43,18 +65,14 @@ def builtin_vocabulary(encoder: Encoder, home: Path) -> tuple[list[str], np.ndar
 
     The cache holds the texts too, so a cached vocabulary needs neither open_clip nor a model.
     """
-    path = _cache_path(home, encoder)
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                vectors = z["vectors"]
-                texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
-            if texts is None:  # a cache from before texts were stored
-                texts = [f"a photo of a {c}." for c in _zero_shot(encoder)[0]]
-            if vectors.shape == (len(texts), encoder.dim):
-                return texts, vectors
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is simply rebuilt
+    path = _cache_path(home, encoder.fingerprint)
+    found = _read_cache(home, encoder.fingerprint)
+    if found is not None:
+        texts, vectors = found
+        if texts is None:  # a cache from before texts were stored
+            texts = [f"a photo of a {c}." for c in _zero_shot(encoder)[0]]
+        if len(texts) == len(vectors):
+            return texts, vectors
     classnames, templates = _zero_shot(encoder)
     texts = [f"a photo of a {c}." for c in classnames]
     prompts = [t(c) for c in classnames for t in templates]

@@ -25,6 +25,7 @@ from retrieval.rerank.params import load_scorer, recorded_reranker
 from retrieval.rerank.scorer import NumpyCoAttention
 from retrieval.rerank.token_cache import TokenCache, text_key
 from retrieval.store import ImageFilter
+from retrieval.store.paths import from_catalog
 
 DEFAULT_RERANK_K = 32
 
@@ -68,8 +69,10 @@ class Reranker:
         self.stats = RerankStats()
 
     @classmethod
-    def open(cls, searcher: Searcher) -> Reranker:
-        """The index's recorded reranker (or the parameter-free one); TokensUnsupported for non-ViT models."""
+    def open(cls, searcher: Searcher, notify: Callable[[str], None] | None = None) -> Reranker:
+        """The index's recorded reranker (or the parameter-free one); TokensUnsupported for non-ViT models.
+
+        `notify` hears of token-cache segments found damaged (they are dropped and their entries recomputed)."""
         searcher.encoder.check_tokens()
         store = searcher.store
         fp = searcher.encoder.fingerprint
@@ -85,7 +88,8 @@ class Reranker:
             scorer = load_scorer(path, dim=fp.dim, weights=fp.weights)
         else:
             scorer = NumpyCoAttention(fp.dim)
-        return cls(searcher, scorer, TokenCache.open(store.home, fp, "image"), TokenCache.open(store.home, fp, "text"))
+        return cls(searcher, scorer, TokenCache.open(store.home, fp, "image", notify),
+                   TokenCache.open(store.home, fp, "text", notify))
 
     # whole queries ----------------------------------------------------------------------------------
     def search_images(self, query: QueryVector, k: int, flt: ImageFilter | None = None,
@@ -127,7 +131,8 @@ class Reranker:
             for i in missing:
                 sha = shas[i]
                 thumb = thumb_path(self.searcher.store.home, sha) if sha else None
-                path = str(thumb) if thumb is not None and thumb.is_file() else hits[i].item.path or ""
+                path = (str(thumb) if thumb is not None and thumb.is_file()
+                        else from_catalog(hits[i].item.path or ""))  # the original's exact name bytes
                 try:
                     pixels.append(decode_for_model(read_bytes(Path(path)), self.encoder.preprocess,
                                                    raw=is_raw_name(path)).pixels)
@@ -197,7 +202,7 @@ def open_reranker(searcher: Searcher, want: bool | None = None,
     if want is False:
         return None
     try:
-        return Reranker.open(searcher)
+        return Reranker.open(searcher, notify)
     except TokensUnsupported as e:
         if want:
             raise

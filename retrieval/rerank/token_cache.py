@@ -16,6 +16,11 @@ marker, so a crash leaves a whole segment or none. Segment names are unique, so 
 segments for entries they had to compute (older indexes, the built-in vocabulary) without the writer lock.
 The indexer writes an image segment before the catalog commit of the same images. Entries of deleted
 items stay until `compact`.
+
+The cache is a cache: a segment whose files disagree with their own .npy headers (cut short by a full disk
+or a copy) is removed at open, or at first read when mapping it fails, with one line through `notify`; its
+entries are computed again when a query needs them. Writers remove the `.tmp` files and uncommitted data of
+writers that died, and a full disk is a DiskFull naming the folder.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from retrieval.errors import TokensUnsupported
-from retrieval.fsutil import atomic_file, fsync_dir
+from retrieval.errors import DiskFull, TokensUnsupported
+from retrieval.fsutil import atomic_file, fsync_dir, is_disk_full, pid_alive
 from retrieval.model.protocol import Encoder
 from retrieval.model.spec import Fingerprint
 
 _SEG = re.compile(r"^seg-(\d+)-(\d+)\.(data|keys)\.npy$")
+_TMP = re.compile(r"^seg-\d+-\d+\.(?:data|keys)\.npy\.(\d+)\.tmp$")  # fsutil.atomic_file's temporary names
 VERSION = "v1"
 KINDS = ("image", "text")
+STALE_S = 3600  # a writer finishes a segment in seconds: files of unfinished ones older than this are orphans
+Notify = Callable[[str], None]
 
 
 def cache_dir(home: str | Path, fp: Fingerprint, kind: str = "image") -> Path:
@@ -85,6 +94,69 @@ def _name(seg: tuple[int, int], part: str) -> str:
     return f"seg-{seg[0]}-{seg[1]}.{part}.npy"
 
 
+def _npy_size(path: Path) -> tuple[int, tuple[int, ...], Any]:
+    """(bytes the .npy header says the file holds, shape, dtype), reading only the header: a file cut short
+    by a full disk or an interrupted copy shows up as fewer bytes than that."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        major, _ = fmt.read_magic(f)
+        if major not in (1, 2):
+            raise ValueError(f"unexpected .npy format version {major}")
+        read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        offset = f.tell()
+    return offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, tuple(shape), dtype
+
+
+def _check_segment(folder: Path, seg: tuple[int, int]) -> str | None:
+    """Why a committed segment is damaged (sizes against headers, keys against data), None when it looks whole."""
+    rows: list[int] = []
+    for part in ("keys", "data"):
+        path = folder / _name(seg, part)
+        want, shape, dtype = _npy_size(path)
+        have = path.stat().st_size
+        if have != want:
+            return f"{path.name} has {have} bytes, its header says {want}"
+        if part == "keys" and (len(shape) != 2 or shape[1] != 32 or dtype != np.uint8):
+            return f"{path.name} holds {dtype}{list(shape)}, not 32-byte keys"
+        if part == "data" and (len(shape) != 1 or dtype.names != ("n", "s", "q")):
+            return f"{path.name} holds {dtype}{list(shape)}, not token records"
+        rows.append(shape[0])
+    return None if rows[0] == rows[1] else f"{rows[0]} keys for {rows[1]} records"
+
+
+def sweep_orphans(folder: Path) -> int:
+    """Remove what writers that died left in a cache folder: `.tmp` files, and data files their keys file
+    never committed (pid gone, or older than STALE_S for a reused pid). Returns how many files went."""
+    removed = 0
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        try:
+            if m and (not pid_alive(int(m.group(1))) or now - p.stat().st_mtime > STALE_S):
+                p.unlink()
+                removed += 1
+        except OSError:
+            continue
+    for seg, kinds in _segments(folder).items():
+        if "keys" not in kinds and (not pid_alive(seg[1]) or seg[0] < (now - STALE_S) * 1e9):
+            try:
+                (folder / _name(seg, "data")).unlink()
+                removed += 1
+            except OSError:
+                continue
+    return removed
+
+
+def _raise_if_full(e: OSError, folder: Path, kept: str) -> None:
+    """Raise a DiskFull naming `folder` and what was kept when `e` says the disk is full."""
+    if is_disk_full(e):
+        raise DiskFull(f"disk full writing the token cache in {folder}: {kept}; free some space and run the "
+                       f"command again") from e
+
+
 def write_segment(folder: Path, keys: Sequence[str], tokens: Sequence[np.ndarray]) -> tuple[int, int] | None:
     """Write one segment of (n_i, d) token arrays (padded inside to the longest; `n` records the length)."""
     if not keys:
@@ -102,31 +174,59 @@ def write_segment(folder: Path, keys: Sequence[str], tokens: Sequence[np.ndarray
     seg = (time.time_ns(), os.getpid())
     _fsync_write(folder / _name(seg, "data"), rec)
     raw = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 32)
-    _fsync_write(folder / _name(seg, "keys"), raw)
+    try:
+        _fsync_write(folder / _name(seg, "keys"), raw)
+    except BaseException:
+        (folder / _name(seg, "data")).unlink(missing_ok=True)  # never committed: leave nothing behind
+        raise
     fsync_dir(folder)
     return seg
 
 
 class TokenCache:
-    """Read side: key -> dequantised token features (n, d) float32; memory-mapped, opened once per process."""
+    """Read side: key -> dequantised token features (n, d) float32; memory-mapped, opened once per process.
 
-    def __init__(self, folder: Path) -> None:
+    Damaged segments are removed (see the module doc) and said once each through `notify`."""
+
+    def __init__(self, folder: Path, notify: Notify | None = None) -> None:
         self.folder = folder
+        self.notify = notify
         self._where: dict[bytes, tuple[tuple[int, int], int]] = {}
         self._data: dict[tuple[int, int], np.ndarray] = {}
         for seg, kinds in sorted(_segments(folder).items()):
             if kinds != {"data", "keys"}:
                 continue  # not committed (yet)
             try:
-                keys = np.load(folder / _name(seg, "keys"), allow_pickle=False)
-            except (OSError, ValueError):
+                problem = _check_segment(folder, seg)
+                keys = None if problem else np.load(folder / _name(seg, "keys"), allow_pickle=False)
+            except FileNotFoundError:
+                continue  # compacted away meanwhile
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the cache must not fail a query
+                problem, keys = f"unreadable: {type(e).__name__}: {str(e)[:120]}", None
+            if keys is None:
+                self._drop(seg, problem or "unreadable")
                 continue
             for row, k in enumerate(keys):
                 self._where[k.tobytes()] = (seg, row)  # later segments win
 
     @classmethod
-    def open(cls, home: str | Path, fp: Fingerprint, kind: str = "image") -> TokenCache:
-        return cls(cache_dir(home, fp, kind))
+    def open(cls, home: str | Path, fp: Fingerprint, kind: str = "image", notify: Notify | None = None) -> TokenCache:
+        return cls(cache_dir(home, fp, kind), notify)
+
+    def _drop(self, seg: tuple[int, int], why: str) -> None:
+        """Forget a damaged segment and remove its files (keys first: the segment is then uncommitted)."""
+        removed = True
+        for part in ("keys", "data"):
+            try:
+                (self.folder / _name(seg, part)).unlink(missing_ok=True)
+            except OSError:
+                removed = False
+        self._data.pop(seg, None)
+        self._where = {k: v for k, v in self._where.items() if v[0] != seg}
+        if self.notify is not None:
+            done = "removed" if removed else "ignoring (cannot remove it)"
+            self.notify(f"token cache: {done} damaged segment seg-{seg[0]}-{seg[1]} in {self.folder} ({why}); "
+                        f"its entries are computed again when needed")
 
     def __len__(self) -> int:
         return len(self._where)
@@ -134,21 +234,34 @@ class TokenCache:
     def __contains__(self, key: str) -> bool:
         return bytes.fromhex(key) in self._where
 
-    def _segment(self, seg: tuple[int, int]) -> np.ndarray:
+    def _segment(self, seg: tuple[int, int]) -> np.ndarray | None:
+        """The segment's records, memory-mapped; None (and the segment dropped) when they cannot be mapped."""
         if seg not in self._data:
-            self._data[seg] = np.load(self.folder / _name(seg, "data"), mmap_mode="r", allow_pickle=False)
+            try:
+                self._data[seg] = np.load(self.folder / _name(seg, "data"), mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:  # compacted away meanwhile: its entries now live in a segment we never saw
+                self._where = {k: v for k, v in self._where.items() if v[0] != seg}
+                return None
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, the cache must not fail a query
+                self._drop(seg, f"cannot be mapped: {type(e).__name__}: {str(e)[:120]}")
+                return None
         return self._data[seg]
 
     def get(self, keys: Sequence[str | None]) -> list[np.ndarray | None]:
-        """Token features (n, d) float32 per key, None where absent."""
+        """Token features (n, d) float32 per key, None where absent (or in a segment found damaged now)."""
         out: list[np.ndarray | None] = []
         for key in keys:
             where = self._where.get(bytes.fromhex(key)) if key else None
-            if where is None:
+            records = self._segment(where[0]) if where is not None else None
+            if where is None or records is None:
                 out.append(None)
                 continue
-            rec = self._segment(where[0])[where[1]]
+            rec = records[where[1]]
             n = int(rec["n"])
+            if not 0 <= n <= rec["q"].shape[0]:
+                self._drop(where[0], f"a record says it holds {n} tokens")
+                out.append(None)
+                continue
             out.append(dequantize(np.asarray(rec["q"][:n]), np.asarray(rec["s"][:n])))
         return out
 
@@ -159,7 +272,10 @@ class TokenCache:
             return True
         try:
             seg = write_segment(self.folder, [k for k, _ in fresh], [t for _, t in fresh])
-        except OSError:
+        except OSError as e:
+            if is_disk_full(e) and self.notify is not None:
+                self.notify(f"disk full: {len(fresh)} computed token entries were not added to {self.folder} "
+                            f"(results are unaffected; nothing stored was lost)")
             return False
         for row, (k, _) in enumerate(fresh):
             self._where[bytes.fromhex(k)] = (seg, row)  # type: ignore[assignment]
@@ -176,15 +292,17 @@ class TokenCacheWriter:
     catalog commit, and it flushes itself every `flush_every` entries to bound memory.
     """
 
-    def __init__(self, home: str | Path, fp: Fingerprint, kind: str = "image", flush_every: int = 512) -> None:
+    def __init__(self, home: str | Path, fp: Fingerprint, kind: str = "image", flush_every: int = 512,
+                 notify: Notify | None = None) -> None:
         self.folder = cache_dir(home, fp, kind)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _raise_if_full(e, self.folder, "nothing was changed")
+            raise
         self.flush_every = max(1, flush_every)
-        stale = time.time_ns() - 3600 * 10**9
-        for seg, kinds in _segments(self.folder).items():
-            if "keys" not in kinds and seg[0] < stale:  # data of a writer that crashed long ago
-                (self.folder / _name(seg, "data")).unlink(missing_ok=True)
-        self._known = set(TokenCache(self.folder)._where)
+        sweep_orphans(self.folder)
+        self._known = set(TokenCache(self.folder, notify)._where)  # damaged segments go here too
         self._keys: list[str] = []
         self._tokens: list[np.ndarray] = []
         self.written = 0
@@ -205,7 +323,12 @@ class TokenCacheWriter:
         """Write the buffered entries as one segment."""
         if not self._keys:
             return
-        write_segment(self.folder, self._keys, self._tokens)
+        try:
+            write_segment(self.folder, self._keys, self._tokens)
+        except OSError as e:
+            _raise_if_full(e, self.folder, "everything committed before is kept (the token cache is a cache: "
+                                           "missing entries are computed again when a query needs them)")
+            raise
         self.written += len(self._keys)
         self._keys, self._tokens = [], []
 
@@ -217,23 +340,27 @@ def compact(home: str | Path, fp: Fingerprint, kind: str, live: Iterable[str]) -
     """
     cache = TokenCache.open(home, fp, kind)
     old = sorted(_segments(cache.folder))
-    live = sorted(k for k in set(live) if k in cache)
-    tokens = cache.get(live)
+    wanted = sorted(k for k in set(live) if k in cache)
+    kept = [(k, t) for k, t in zip(wanted, cache.get(wanted), strict=True) if t is not None]  # damaged: dropped
     cache._data.clear()
-    write_segment(cache.folder, live, [t for t in tokens if t is not None])
+    try:
+        write_segment(cache.folder, [k for k, _ in kept], [t for _, t in kept])
+    except OSError as e:
+        _raise_if_full(e, cache.folder, "the cache was not compacted and everything in it is kept")
+        raise
     for seg in old:
         (cache.folder / _name(seg, "keys")).unlink(missing_ok=True)
         (cache.folder / _name(seg, "data")).unlink(missing_ok=True)
     fsync_dir(cache.folder)
-    return len(live)
+    return len(kept)
 
 
-def writer_for(home: str | Path, encoder: Encoder, kind: str = "image",
-               flush_every: int = 512) -> TokenCacheWriter | None:
+def writer_for(home: str | Path, encoder: Encoder, kind: str = "image", flush_every: int = 512,
+               notify: Notify | None = None) -> TokenCacheWriter | None:
     """A cache writer for this encoder's model, or None when the model has no token features: then the
     index simply has no token cache."""
     try:
         encoder.check_tokens()
     except TokensUnsupported:
         return None
-    return TokenCacheWriter(home, encoder.fingerprint, kind, flush_every)
+    return TokenCacheWriter(home, encoder.fingerprint, kind, flush_every, notify)

@@ -35,11 +35,13 @@ from retrieval.store.ann_choice import (
     TARGET_RECALL,
     TYPES,
     AnnState,
+    check_buildable,
     check_factory,
     codes,
     default_budget,
     family,
     hnsw_bytes,
+    min_vectors,
     needs_rebuild,
     nlist_for,
     parse_budget,
@@ -50,7 +52,8 @@ from retrieval.store.ann_choice import (
 
 __all__ = ["TYPES", "FLAT", "FLAT_MAX", "HNSW_MAX", "MIN_TRAIN", "TARGET_RECALL", "DEAD_REBUILD", "REGROW",
            "HNSW_M", "AnnState", "parse_budget", "default_budget", "nlist_for", "pq_bytes", "sq8_bytes",
-           "hnsw_bytes", "family", "codes", "resolve", "check_factory", "needs_rebuild", "CONFIDENCE_Z",
+           "hnsw_bytes", "family", "codes", "resolve", "check_factory", "check_buildable", "min_vectors",
+           "needs_rebuild", "CONFIDENCE_Z",
            "TUNE_QUERIES", "EF_LADDER", "REFINE_LADDER", "ADD_CHUNK", "build", "knob_of", "hnsw_quantizer",
            "search_params", "ann_search", "recall_rows", "recall_at", "recall_lower_bound", "tune"]
 
@@ -93,11 +96,13 @@ def _add(index: Any, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> 
 def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
           exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
           exact_vectors: Callable[[np.ndarray], np.ndarray], seed: int = 0, train_limit: int = 200_000,
-          log: Callable[[str], None] | None = None) -> tuple[Any, AnnState]:
+          log: Callable[[str], None] | None = None, kind: str = "same",
+          cross: dict[str, np.ndarray] | None = None) -> tuple[Any, AnnState]:
     """Build an id-mapped `factory` index over (ids, vectors) and tune its search-time knob.
 
     A sample of vectors is held out of training and of the index while tuning, so the tuning queries
-    are as new to the index as a user's query; they are added once tuned. Returns (index, state).
+    are as new to the index as a user's query; they are added once tuned. `cross` holds query vectors
+    of the other modality, tuned for too (see `tune`). Returns (index, state).
     """
     faiss = _faiss()
     n, dim = vectors.shape
@@ -118,7 +123,8 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
     _add(index, ids, vectors, np.sort(rest))
     t1 = time.perf_counter()
     tuned = tune(index, replace(state, factory=factory, built_n=n), ids[tune_rows],
-                 np.ascontiguousarray(vectors[tune_rows], dtype=np.float32), exact_search, exact_vectors)
+                 np.ascontiguousarray(vectors[tune_rows], dtype=np.float32), exact_search, exact_vectors,
+                 kind=kind, cross=cross)
     if log:
         log(f"added {len(rest)} vectors in {t1 - t0:.1f} s; tuned in {time.perf_counter() - t1:.1f} s")
     _add(index, ids, vectors, tune_rows)
@@ -241,41 +247,59 @@ def _without(rows: np.ndarray, drop: np.ndarray, k: int) -> np.ndarray:
 def tune(index: Any, state: AnnState, qids: np.ndarray, q: np.ndarray,
          exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
          exact_vectors: Callable[[np.ndarray], np.ndarray], k: int = 10,
-         target: float = TARGET_RECALL) -> AnnState:
-    """Pick the fastest knob and re-score factor whose recall@k reaches the target against exact search.
+         target: float = TARGET_RECALL, kind: str = "same",
+         cross: dict[str, np.ndarray] | None = None) -> AnnState:
+    """Pick the fastest knob and re-score factor whose recall@k reaches the target against exact search,
+    for every kind of query the index will get.
 
-    `q` are stored vectors (ids `qids`) that the ANN index does not hold yet; the exact top-k leaves
-    them out too, so both answer "the k nearest of the indexed items" for queries new to the index.
-    For each re-score factor the knob climbs until recall clears the target with 95% confidence (or
-    stops improving); a larger factor only tries knob values below the smallest that already cleared
-    it, and the fastest measured pair wins; a search already slower than a passing one ends its factor
-    (and, at the smallest knob, the larger factors). With none clearing it, the best recall reached is kept.
+    `q` are stored vectors (ids `qids`) that the ANN index does not hold yet, named `kind`; the exact
+    top-k leaves them out too, so both answer "the k nearest of the indexed items" for queries new to
+    the index. `cross` adds query sets of the other modality (caption vectors against the image index,
+    image vectors against the caption index): CLIP puts the two modalities in different regions of the
+    space, so such queries are out of distribution for the index and can need a much wider search than
+    its own vectors do. A setting passes when every set's recall clears the target with 95% confidence.
+
+    For each re-score factor the knob climbs until it passes (or recall stops improving); a larger
+    factor only tries knob values below the smallest that already passed, and the fastest measured pair
+    wins; a search already slower than a passing one ends its factor (and, at the smallest knob, the
+    larger factors). With none passing, the setting with the best worst-kind recall is kept.
     """
     param, ladder = knob_of(index)
-    if not len(qids) or param is None:
-        return replace(state, param=None, value=None, refine=1, recall=None, query_ms=None)
-    # Held-out ids are dropped from the exact answer; a margin covers them (few fall in any top-k).
-    _, truth = exact_search(q, k + min(len(qids), 32))
-    truth = _without(truth, qids, k)
+    sets = {kind: q} if len(qids) else {}
+    sets.update({name: v for name, v in (cross or {}).items() if len(v)})
+    if not sets or param is None:
+        return replace(state, param=None, value=None, refine=1, recall=None, recalls=None, query_ms=None)
+    # Held-out ids are dropped from the exact answers; a margin covers them (few fall in any top-k).
+    margin = min(len(qids), 32)
+    truths = {name: _without(exact_search(v, k + margin)[1], qids, k) for name, v in sets.items()}
+    total = sum(len(v) for v in sets.values())
+
+    def measure(value: int, refine: int) -> tuple[float, dict[str, float], bool]:
+        """(ms per query, mean recall per kind, whether every kind's lower bound clears the target)."""
+        t0 = time.perf_counter()
+        found = {name: ann_search(index, v, k, param, value, refine, None, exact_vectors)[1]
+                 for name, v in sets.items()}
+        ms = (time.perf_counter() - t0) * 1000 / total
+        hits = {name: recall_rows(found[name], truths[name], k) for name in sets}
+        ok = all(recall_lower_bound(h) >= target for h in hits.values())  # the bound never exceeds the mean
+        return ms, {name: float(h.mean()) for name, h in hits.items()}, ok
+
     refines = REFINE_LADDER if family(state.factory) == "ivf" or "PQ" in state.factory.upper() else (1,)
-    best: tuple[float, int, int, float] | None = None  # (recall, value, refine, ms), highest recall
-    passed: list[tuple[float, int, int, float]] = []  # (ms, value, refine, recall) clearing the target
+    best: tuple[float, int, int, float, dict[str, float]] | None = None  # highest worst-kind recall
+    passed: list[tuple[float, int, int, float, dict[str, float]]] = []  # (ms, value, refine, min recall, ...)
     limit = len(ladder)
     for refine in refines:
         previous = -1.0
         for i, value in enumerate(ladder[:limit]):
-            t0 = time.perf_counter()
-            _, found = ann_search(index, q, k, param, value, refine, None, exact_vectors)
-            ms = (time.perf_counter() - t0) * 1000 / len(q)
-            hits = recall_rows(found, truth, k)
-            r = float(hits.mean())
+            ms, recalls, ok = measure(value, refine)
+            r = min(recalls.values())
             if best is None or r > best[0]:
-                best = (r, value, refine, ms)
-            if recall_lower_bound(hits) >= target:  # the bound is never above the mean
-                passed.append((ms, value, refine, r))
+                best = (r, value, refine, ms, recalls)
+            if ok:
+                passed.append((ms, value, refine, r, recalls))
                 limit = i
                 break
-            if passed and ms >= min(passed)[0]:
+            if passed and ms >= min(p[0] for p in passed):
                 limit = 0 if i == 0 else limit  # already slower than a passing setting; so is all beyond
                 break
             if r - previous < 0.002 and (passed or refine != refines[-1]):
@@ -284,7 +308,8 @@ def tune(index: Any, state: AnnState, qids: np.ndarray, q: np.ndarray,
         if limit == 0:
             break
     if passed:
-        ms, value, refine, r = min(passed)
+        ms, value, refine, r, recalls = min(passed, key=lambda p: (p[0], p[1], p[2]))
     else:
-        r, value, refine, ms = best  # type: ignore[misc]
-    return replace(state, param=param, value=value, refine=refine, recall=round(r, 4), query_ms=round(ms, 3))
+        r, value, refine, ms, recalls = best  # type: ignore[misc]
+    return replace(state, param=param, value=value, refine=refine, recall=round(r, 4),
+                   recalls={name: round(v, 4) for name, v in recalls.items()}, query_ms=round(ms, 3))

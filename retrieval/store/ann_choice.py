@@ -45,8 +45,9 @@ class AnnState:
     param: str | None = None  # "nprobe" or "efSearch"
     value: int | None = None  # the tuned search-time setting
     refine: int = 1  # candidates per result re-scored exactly (1: none)
-    recall: float | None = None  # recall@10 against exact search at the tuned setting
+    recall: float | None = None  # recall@10 against exact search at the tuned setting (the worst kind's)
     query_ms: float | None = None  # mean single-query time at the tuned setting, measured while tuning
+    recalls: dict[str, float] | None = None  # recall@10 per kind of query tuned for ("image", "text")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -65,10 +66,15 @@ class AnnState:
     def describe(self) -> str:
         if self.factory == FLAT:
             waiting = self.requested not in ("auto", "flat")
-            return "flat (exact)" + (f"; {self.requested} waits for {MIN_TRAIN} vectors" if waiting else "")
+            need = min_vectors(self.requested) if waiting else 0
+            return "flat (exact)" + (f"; {self.requested} waits for {need:,} vectors" if waiting else "")
         knob = f", {self.param}={self.value}" if self.param else ""
         refine = f", refine x{self.refine}" if self.refine > 1 else ""
-        recall = f", recall@10 {self.recall:.3f}" if self.recall is not None else ""
+        recall = ""
+        if self.recalls:
+            recall = ", recall@10 " + ", ".join(f"{kind} queries {r:.3f}" for kind, r in sorted(self.recalls.items()))
+        elif self.recall is not None:
+            recall = f", recall@10 {self.recall:.3f}"
         if self.recall is not None and self.recall < TARGET_RECALL:
             recall += f" (best reached; below the {TARGET_RECALL} target)"
         return f"{self.factory}{knob}{refine}{recall}"
@@ -137,12 +143,19 @@ def codes(factory: str) -> str:
     return factory.split(",", 1)[1].upper() if "," in factory else ""
 
 
+def min_vectors(requested: str) -> int:
+    """Vectors an index type needs before it is built (exact search serves until then): MIN_TRAIN, or for a
+    factory string with a fixed IVF list count, that many (k-means cannot make more lists than points)."""
+    m = re.search(r"IVF(\d+)", requested.upper()) if requested.lower() not in TYPES else None
+    return max(MIN_TRAIN, int(m.group(1)) if m else 0)
+
+
 def resolve(requested: str, n: int, dim: int, budget: int | None) -> str:
     """The faiss factory string a request means for a collection of n vectors (Flat: exact search)."""
     budget = budget or default_budget()
     req = requested.strip()
     kind = req.lower()
-    if kind == "flat" or n < MIN_TRAIN and kind != "auto":
+    if kind == "flat" or n < min_vectors(req) and kind != "auto":
         if kind not in TYPES:
             check_factory(req, dim)
         return FLAT  # below MIN_TRAIN vectors exact search is as fast and always right
@@ -161,6 +174,20 @@ def resolve(requested: str, n: int, dim: int, budget: int | None) -> str:
         return resolve("ivfsq" if sq8_bytes(dim, n) <= budget * 0.8 else "ivfpq", n, dim, budget)
     check_factory(req, dim)
     return req
+
+
+def check_buildable(requested: str, n: int, dim: int) -> None:
+    """Refuse, before anything is recorded, a type this collection cannot have: a factory string faiss cannot
+    build at this width, or one whose IVF lists outnumber the vectors of a collection big enough to build
+    now (a smaller one records it and waits, see `min_vectors`)."""
+    if requested.strip().lower() in TYPES:
+        return
+    check_factory(requested, dim)
+    need = min_vectors(requested)
+    if MIN_TRAIN <= n < need:
+        raise UserError(f"--index-type '{requested}' needs at least {need:,} vectors to train its lists; this "
+                        f"index has {n:,} (use ivfsq or ivfpq, which size their lists to the collection, or "
+                        f"fewer lists)")
 
 
 def check_factory(factory: str, dim: int) -> None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 Log = Callable[[str], None]
+QuerySource = Callable[[str], "np.ndarray | None"]  # kind ("text") -> query vectors of that kind, or None
+MIN_CROSS = 100  # stored vectors of the other modality needed to tune with them; fewer: ask the query source
 
 
 class AnnUpkeep:
@@ -39,6 +41,9 @@ class AnnUpkeep:
         self.state: dict[str, ann.AnnState] = {}
         self.dead: dict[str, np.ndarray] = {}
         self.problem: dict[str, str] = {}
+        # Query vectors of a kind the store holds too few of (e.g. text for an index without captions):
+        # set by whoever can embed them (the CLI gives the built-in vocabulary); None: tune without them.
+        self.query_source: QuerySource | None = None
 
     def path(self, modality: str, gen: int) -> Path:
         return self.folder / f"{modality}-ann-{gen}.faiss"
@@ -108,7 +113,14 @@ class AnnUpkeep:
             dead = int(current.ntotal) + len(ids) - n  # every entry beyond the live count is a tombstone
         healthy = modality not in self.problem and (current is not None or not state.active)
         if force or ann.needs_rebuild(state, target, n, dead, healthy):
-            new_index, state = self._build(modality, target, state, log)
+            try:
+                new_index, state = self._build(modality, target, state, log)
+            except (RuntimeError, ValueError, MemoryError) as e:  # faiss refuses: the commit still goes ahead
+                why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+                self.problem[modality] = f"cannot build {target} ({why})"
+                if log:
+                    log(f"{modality}: {self.problem[modality]}; exact search serves")
+                return
         elif state.active and len(ids):
             current.add_with_ids(vectors, ids)
             new_index = current
@@ -143,10 +155,26 @@ class AnnUpkeep:
             return None, base
         ids, vectors = vec.vectors_of(flat)
         index, tuned = ann.build(target, ids, vectors, base, lambda q, k: flat.search(q, min(k, n)),
-                                 flat.reconstruct_batch, log=log)
+                                 flat.reconstruct_batch, log=log, kind=modality, cross=self._cross(modality))
         if log:
             log(f"{modality}: built {target} over {n} vectors: {tuned.describe()}")
         return index, tuned
+
+    def _cross(self, modality: str) -> dict[str, np.ndarray]:
+        """Queries of the other modality to tune `modality`'s index for: a sample of the other store's own
+        vectors when it holds enough (captions for the image index, photos for the caption index), else
+        what the query source gives (the built-in vocabulary's text vectors), else none."""
+        other = "text" if modality == "image" else "image"
+        flat = self.flats.get(other)
+        if flat is not None and int(flat.ntotal) >= MIN_CROSS:
+            ids = vec.ids_of(flat)  # only the sample's vectors are read: the store may be 20 GB, mapped
+            pick = np.sort(np.random.default_rng(1).permutation(len(ids))[:ann.TUNE_QUERIES])
+            return {other: np.ascontiguousarray(flat.reconstruct_batch(ids[pick]), dtype=np.float32)}
+        found = self.query_source(other) if self.query_source is not None else None
+        if found is None or not len(found):
+            return {}
+        rows = np.random.default_rng(1).permutation(len(found))[:ann.TUNE_QUERIES]
+        return {other: np.ascontiguousarray(np.asarray(found)[np.sort(rows)], dtype=np.float32)}
 
     def set_type(self, s: Session, modalities: tuple[str, ...], requested: str, budget: int | None,
                  meta: dict[str, str], dim: int, rebuild: bool, force: bool, log: Log | None
@@ -156,8 +184,9 @@ class AnnUpkeep:
         req = requested.strip()
         if req.lower() in ann.TYPES:
             req = req.lower()
-        else:
-            ann.check_factory(req, dim)
+        for m in modalities:  # every modality it applies to must be able to take it, before anything is recorded
+            flat = self.flats.get(m)
+            ann.check_buildable(req, int(flat.ntotal) if flat is not None else 0, dim)
         out: dict[str, str] = {}
         for m in modalities:
             old = self.state_of(m)
@@ -165,8 +194,11 @@ class AnnUpkeep:
             self.state[m] = state
             if rebuild and self.flats.get(m) is not None:
                 changed = (old.requested, old.budget) != (req, budget)
+                self.problem.pop(m, None)
                 self.follow(s, m, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), meta, dim,
                             force=force or changed and state.active, log=log)
+                if self.problem.get(m, "").startswith("cannot build"):  # the caller's transaction rolls back
+                    raise UserError(f"{m} vectors: {self.problem[m]}; nothing was changed")
             else:
                 from retrieval.store import writes
 
@@ -196,7 +228,7 @@ class AnnUpkeep:
         state = self.state_of(modality)
         knob = ("nprobe", opts.nprobe) if opts.nprobe else ("efSearch", opts.ef_search) if opts.ef_search else None
         if opts.exact or self.index.get(modality) is None:
-            if knob and not opts.exact and modality == "image":
+            if knob and not opts.exact:
                 raise UserError(f"--{'nprobe' if knob[0] == 'nprobe' else 'ef-search'} needs an ANN index; "
                                 f"this one searches exactly ({state.describe()})")
             return None
@@ -214,6 +246,7 @@ class AnnUpkeep:
         info: dict[str, object] = {"requested": state.requested, "factory": state.factory,
                                    "describe": state.describe(), "param": state.param, "value": state.value,
                                    "refine": state.refine, "recall_at_10": state.recall,
+                                   "recall_at_10_by_query": state.recalls,
                                    "tombstones": int(len(self.dead.get(modality, ()))),
                                    "memory_mapped": mapped}
         if state.active:

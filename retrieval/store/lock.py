@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
-from retrieval.errors import IndexLocked
+from retrieval.errors import IndexLocked, ReadOnlyHome
 
 try:
     import fcntl
@@ -18,7 +19,13 @@ class WriterLock:
 
     def __init__(self, home: Path) -> None:
         self.path = home / "index.lock"
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # the first write any writer makes: a read-only home is a user error here
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ReadOnlyHome(f"the index in {home} is read-only ({self.path.name}: {e.strerror}): "
+                                   f"searches work, but changing the index needs write access") from e
+            raise
         if fcntl is None:
             return
         try:

@@ -35,6 +35,13 @@ class CatalogReader(Protocol):
     def snapshot(self) -> AbstractContextManager[CatalogReader]:
         """Reads inside see one committed state (meta and ids of the same commit, as loading needs)."""
 
+    def hold(self, hold_s: float | None = None) -> None:
+        """Keep one committed state for every later read (a read-only Store's rows then match the vectors
+        it loaded), until `release` or, after `hold_s` seconds, by itself (writers' checkpoints wait)."""
+
+    def release(self) -> None:
+        """End a `hold`: later reads see the latest commit. Idempotent."""
+
     # ---- meta --------------------------------------------------------------------------------------
     def has_catalog(self) -> bool:
         """Whether the catalog's tables exist at all (a file that is not a catalog has none)."""

@@ -96,13 +96,18 @@ class StoreReads:
         """Ids of the images that pass a filter (for `search(..., restrict=...)`).
 
         A date bound compares with the EXIF date as text, or with the file time for images without one.
+        The camera is a substring (LIKE wildcards in it are plain characters), trimmed; one that is only
+        spaces is refused, since "make model" always holds a space and it would match every image.
         """
-        return self.reader.image_ids(under=flt.under, camera=flt.camera,
+        camera = flt.camera.strip() if flt.camera else None
+        if flt.camera and not camera:
+            raise UserError("--camera is blank; give part of a camera's make or model (e.g. --camera pixel)")
+        return self.reader.image_ids(under=flt.under, camera=camera,
                                      after=date_bound(flt.after) if flt.after else None,
                                      before=date_bound(flt.before) if flt.before else None)
 
     def ids_under(self, folder: str) -> list[int]:
-        """Images at or below a folder (or that exact file)."""
+        """Images at or below a folder (or that exact file), given as a catalog path (paths.py)."""
         ids: list[int] = self.image_ids(ImageFilter(under=folder)).tolist()
         return ids
 

@@ -7,7 +7,9 @@ names, so callers write `from retrieval.store import ImageFilter`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from retrieval.errors import IndexMissing, SchemaTooNew, UserError
@@ -15,7 +17,7 @@ from retrieval.media.photo_meta import PhotoMeta
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
-SCHEMA_VERSION = 2  # schema.py's tables; read-only stores compare against it without importing them
+SCHEMA_VERSION = 3  # schema.py's tables; read-only stores compare against it without importing them
 
 
 def schema_too_new(home: Path, found: int) -> SchemaTooNew:
@@ -33,7 +35,7 @@ def no_catalog(home: Path) -> IndexMissing:
 class ImageRecord:
     """What the indexer learned about one image file."""
 
-    path: str
+    path: str  # a catalog path (paths.py): any file name as valid text
     sha256: str
     bytes: int
     mtime: float
@@ -56,7 +58,9 @@ class TextRecord:
 class ImageFilter:
     """Restrict image results: a folder prefix and a capture-date range (EXIF date, else file time).
 
-    Dates are ISO strings ('2024-05-01' or '2024-05-01T12:00:00'); `after` is inclusive, `before` exclusive.
+    Dates are strings in one of DATE_FORMS ('2024-05-01', '2024-05-01T12:00', '2024-05-01 12:00:30'; an
+    offset such as '+02:00' is turned into local time, as cameras record it); `date_bound` parses them and
+    refuses anything else (a UserError naming the forms). `after` is inclusive, `before` exclusive.
     """
 
     under: str | None = None
@@ -68,19 +72,44 @@ class ImageFilter:
         return bool(self.under or self.after or self.before or self.camera)
 
 
-def _iso_to_ts(text: str) -> float:
-    from datetime import datetime
+DATE_FORMS = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] ('T' or a space; optional offset such as +02:00)"
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})"
+                   r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?"
+                   r"(Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?", re.ASCII)
 
+
+def parse_date(text: str) -> datetime:
+    """A filter date as a naive local datetime; only DATE_FORMS pass.
+
+    Why so strict: Python's fromisoformat also takes '20230101' and '2023-W01-1', whose text never compares
+    correctly with the stored EXIF dates; a user error beats silently wrong results.
+    """
+    m = _DATE.fullmatch(text.strip())
+    if m is None:
+        raise UserError(f"'{text}' is not a date (use {DATE_FORMS})")
+    y, mo, d, hh, mm, ss, frac, off = m.groups()
     try:
-        dt = datetime.fromisoformat(text)
-    except ValueError as e:
-        raise UserError(f"'{text}' is not a date (use YYYY-MM-DD)") from e
-    return dt.timestamp()
+        dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mm or 0), int(ss or 0),
+                      int((frac or "0").ljust(6, "0")))
+        if off:
+            sign = -1 if off[0] == "-" else 1
+            digits = off[1:].replace(":", "")
+            delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:])) if off != "Z" else timedelta(0)
+            dt = dt.replace(tzinfo=timezone(sign * delta)).astimezone().replace(tzinfo=None)
+        dt.timestamp()  # years the platform's clock cannot represent fail here, not in the query
+    except (ValueError, OverflowError, OSError) as e:
+        raise UserError(f"'{text}' is not a date ({e}; use {DATE_FORMS})") from None
+    return dt
 
 
 def date_bound(text: str) -> tuple[str, float]:
-    """(ISO text, timestamp) of a filter date: the EXIF date compares as text, the file time as a number."""
-    return (text if "T" in text else text + "T00:00:00"), _iso_to_ts(text)
+    """(ISO text, timestamp) of a filter date: the EXIF date compares as text, the file time as a number.
+
+    The text has the stored EXIF form ('2023-06-15T12:00:00', local time, no offset), so the text comparison
+    orders like the times it spells.
+    """
+    dt = parse_date(text)
+    return dt.isoformat(), dt.timestamp()
 
 
 @dataclass(frozen=True)
@@ -101,7 +130,7 @@ class ItemView:
 
     id: int
     modality: str
-    path: str | None
+    path: str | None  # a catalog path (paths.py): display_path to show it, from_catalog to open it
     corpus: str | None
     row: int | None
     text: str | None

@@ -21,11 +21,16 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
+    func,
     inspect,
+    update,
 )
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
 from sqlalchemy import text as sql_text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from retrieval.errors import SchemaTooNew
@@ -56,7 +61,7 @@ class Item(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     modality: Mapped[str] = mapped_column(String(8))
-    path: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)  # a catalog path (paths.py): valid text for any name
     corpus: Mapped[str | None] = mapped_column(String(200))
     row: Mapped[int | None] = mapped_column(Integer)
     text: Mapped[str | None] = mapped_column(Text)
@@ -100,8 +105,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with durable SQLite settings; other URLs (PostgreSQL) pass through unchanged."""
+def make_engine(url: str | URL) -> Engine:
+    """An engine with durable SQLite settings; other URLs (PostgreSQL) pass through unchanged.
+
+    SQLite files are passed as `URL.create("sqlite", database=path)`: in a "sqlite:///path" string a `?`
+    or `%` in the path would be read as a query string or an escape (the catalog would land elsewhere)."""
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -116,7 +124,22 @@ def _v1_to_v2(session: Session) -> None:
         session.execute(sql_text(f"ALTER TABLE items ADD COLUMN {column} {kind}"))
 
 
-LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2}  # found version -> the step to found + 1
+def _v2_to_v3(session: Session) -> None:
+    """Schema 3 stores every file name, UTF-8 or not, as a catalog path (store/paths.py): undecodable bytes
+    as `\\xHH`, a real backslash doubled. Names with a backslash are rewritten so (the rest, nearly all, are
+    already in that form); skips of names that were not UTF-8 go, as their stored form was lossy and such
+    files are now indexed (skips are retried on every run anyway).
+
+    Portable SQL (LIKE with an explicit ESCAPE, replace()), so the same step runs on PostgreSQL."""
+    for name in ("items", "skipped"):
+        t = sql_table(name, sql_column("path"))
+        session.execute(update(t).where(t.c.path.contains("\\", autoescape=True))
+                        .values(path=func.replace(t.c.path, "\\", "\\\\")))
+    skipped = sql_table("skipped", sql_column("reason"))
+    session.execute(delete(skipped).where(skipped.c.reason == "file name is not valid UTF-8"))
+
+
+LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2, 2: _v2_to_v3}  # found version -> found + 1
 
 
 def migrate(session: Session, found: int) -> None:

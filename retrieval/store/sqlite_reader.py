@@ -2,9 +2,15 @@
 
 Why stdlib sqlite3 and not SQLAlchemy: importing SQLAlchemy costs 0.25-0.4 s of a one-shot
 `crossmodal search` whose target is 1 s, and reads need only a handful of SELECTs. This module imports
-nothing but the standard library, numpy and the reader interface (itself stdlib + numpy), so a query
+nothing but the standard library, numpy, fsutil, guards and the reader interface, so a query
 process never loads SQLAlchemy. tests/test_store_reader.py holds every answer equal to an independent
 SQLAlchemy oracle on a real index.
+
+A home this process cannot write is still readable: the catalog opens with `mode=ro`, plus `immutable=1`
+when its folder is read-only and holds no write-ahead log (a WAL-mode read otherwise needs to create
+`-shm`, and no writer can exist there). A read-only Store `hold`s the snapshot its vectors were loaded
+from, so rows and vectors agree until it refreshes; the hold ends by itself after `hold_s`, so an idle
+reader (the page) never starves the writer's WAL checkpoints for long.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +27,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from retrieval.fsutil import can_write
+from retrieval.store.guards import REPAIR, CatalogDamaged
 from retrieval.store.reader import ITEM_FIELDS, DateBound
 
 _CHUNK = 900  # below SQLite's default limit on bound parameters
@@ -29,12 +38,19 @@ _Read = TypeVar("_Read", bound=Callable[..., Any])
 
 def _locked(method: _Read) -> _Read:
     """Run a read holding the reader's lock: the page shares one read-only Store between sessions' threads,
-    and one sqlite3 connection must not interleave a snapshot with another thread's statements."""
+    and one sqlite3 connection must not interleave a snapshot with another thread's statements.
+
+    A damaged catalog found mid-read (a page SQLite cannot read) is a CatalogDamaged naming `repair`."""
 
     @functools.wraps(method)
     def run(self: SqliteReader, *args: Any, **kwargs: Any) -> Any:
         with self._guard:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, (sqlite3.OperationalError, CatalogDamaged)):
+                    raise
+                raise CatalogDamaged(f"catalog {self.path} is damaged ({e}); {REPAIR}") from e
 
     return run  # type: ignore[return-value]
 
@@ -50,22 +66,70 @@ def _marks(chunk: list[Any]) -> str:
     return ",".join("?" * len(chunk))
 
 
+def catalog_uri(path: Path) -> str:
+    """The URI that opens a catalog for reading: `mode=rw` where this process could write it (as always:
+    the last reader still checkpoints), else `mode=ro`, with `immutable=1` when nothing can change it.
+
+    Never creates a missing file (the writer makes the schema first). `as_uri` escapes `?`, `%` and `#`."""
+    path = path.absolute()
+    uri = path.as_uri()
+    if can_write(path) and can_write(path.parent):
+        return uri + "?mode=rw"
+    wal = path.with_name(path.name + "-wal")
+    if not can_write(path.parent) and not wal.exists():
+        return uri + "?mode=ro&immutable=1"
+    return uri + "?mode=ro"
+
+
 class SqliteReader:
     """Read-only access to `catalog.sqlite`; one connection, WAL-friendly (never blocks the indexer)."""
 
     def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
-        # mode=rw: a missing file is an error, never a new empty catalog (the writer makes the schema first).
-        # isolation_level=None: no implicit transactions; `snapshot` opens one where reads must agree.
-        uri = self.path.absolute().as_uri() + "?mode=rw"
-        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        # isolation_level=None: no implicit transactions; `snapshot` and `hold` open one where reads must agree.
+        self._db = sqlite3.connect(catalog_uri(self.path), uri=True, isolation_level=None,
+                                   check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         self._db.execute("PRAGMA query_only=ON")
         self._guard = threading.RLock()
+        self._held = False
+        self._timer: threading.Timer | None = None
 
     def close(self) -> None:
         with self._guard:
+            self.release()
             self._db.close()
+
+    @property
+    def held(self) -> bool:
+        """Whether reads still see the snapshot `hold` took."""
+        return self._held
+
+    def hold(self, hold_s: float | None = None) -> None:
+        """Start a read transaction that stays open: every later read sees this one committed state.
+
+        Why: a read-only Store loads vectors once; its rows must come from the same commit, or a `remove`
+        in between leaves hits without rows. WAL keeps the snapshot while writers commit, but cannot
+        checkpoint past it, so after `hold_s` seconds (None: never) `release` runs by itself."""
+        with self._guard:
+            self.release()
+            self._db.execute("BEGIN")
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
+            self._held = True
+            if hold_s is not None:
+                self._timer = threading.Timer(hold_s, self.release)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def release(self) -> None:
+        """End the held snapshot (reads see the latest commit from now on); idempotent."""
+        with self._guard:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._held:
+                self._held = False
+                self._db.execute("COMMIT")
 
     def __enter__(self) -> SqliteReader:
         return self
@@ -77,8 +141,11 @@ class SqliteReader:
     def snapshot(self) -> Iterator[SqliteReader]:
         """Reads inside see one committed state (WAL keeps it while writers commit).
 
-        Other threads' reads wait until the snapshot ends."""
+        Other threads' reads wait until the snapshot ends. Inside a `hold`, that snapshot is the one."""
         with self._guard:
+            if self._held:
+                yield self
+                return
             self._db.execute("BEGIN")
             try:
                 yield self
@@ -124,9 +191,9 @@ class SqliteReader:
             folder = exact.rstrip(os.sep) + os.sep
             cond.append("(substr(path, 1, ?) = ? OR path = ?)")
             args += [len(folder), folder, exact]
-        if camera:
-            cond.append("lower(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ?")
-            args.append(f"%{camera.lower()}%")
+        if camera:  # a substring: `_`, `%` and a backslash in it match only themselves
+            cond.append("lower(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ? ESCAPE '\\'")
+            args.append("%" + re.sub(r"([\\%_])", r"\\\1", camera.lower()) + "%")
         for bound, op in ((after, ">="), (before, "<")):
             if bound is None:
                 continue

@@ -3,7 +3,11 @@
 Commit protocol: new vectors go to a new generation file (`vectors/<modality>-<gen>.faiss`, written
 atomically) and only then does one SQLite transaction insert the rows and record the new generation.
 A crash before the SQLite commit leaves an orphan file that is ignored; after it, both agree. The
-previous generation is kept one commit longer so readers that opened it keep working.
+previous generation is kept one commit longer so readers that opened it keep working. The commit also
+records the file's checksums (checksums.py); opening checks them cheaply, `repair` (repair.py) fully.
+
+A read-only store holds the catalog snapshot its vectors were loaded from (for SNAPSHOT_HOLD_S at most, so
+writers' checkpoints never wait long), so its rows always match its vectors; `refresh` loads the latest.
 
 Every catalog read goes through one `CatalogReader` (reader.py; SqliteReader for SQLite), writers' reads
 too; writes and migrations go through SQLAlchemy (schema.py, writes.py), imported only when needed, so a
@@ -20,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.errors import IndexMismatch, IndexMissing, ModelMismatch, UserError
+from retrieval.errors import IndexMismatch, IndexMissing, ModelMismatch
 from retrieval.model.spec import Fingerprint
-from retrieval.store import ann
+from retrieval.store import ann, checksums, guards
 from retrieval.store import vectors as vec
-from retrieval.store.ann_upkeep import AnnUpkeep, Log
+from retrieval.store.ann_upkeep import AnnUpkeep, Log, QuerySource
 from retrieval.store.lock import WriterLock
 from retrieval.store.reader import CatalogReader
 from retrieval.store.reads import StoreReads
@@ -38,6 +42,7 @@ from retrieval.store.records import (
     no_catalog,
     schema_too_new,
 )
+from retrieval.store.repair import StoreRepair
 from retrieval.store.sqlite_reader import SqliteReader
 
 if TYPE_CHECKING:
@@ -45,8 +50,10 @@ if TYPE_CHECKING:
 
     from retrieval.store.schema import Item
 
+SNAPSHOT_HOLD_S = 300.0  # how long a read-only store keeps its load's snapshot (then reads the latest)
 
-class Store(StoreReads):
+
+class Store(StoreReads, StoreRepair):
     """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`.
 
     Reads go through `reader` (stdlib sqlite3), opened once the schema is current; writes go through
@@ -70,36 +77,45 @@ class Store(StoreReads):
         self.indexes: dict[str, Any] = {}
         self.generations: dict[str, int] = {}
         self.meta: dict[str, str] = {}
+        self.salvaged: list[str] = []  # what rebuilding a damaged catalog lost (Store.open(salvage=True))
         self._ann = AnnUpkeep(home / "vectors", self.indexes)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, home: str | Path, *, create: bool = False, writable: bool = False,
-             check: bool = True, mmap: bool | None = None) -> Store:
+             check: bool = True, mmap: bool | None = None, salvage: bool = False) -> Store:
         """Open (or with `create`, make) an index; writers take the home's lock; `check` verifies agreement.
+        `salvage` (repair) first rebuilds a catalog SQLite cannot read (salvage.py).
 
         Readers memory-map vector files with `mmap=True`, or by default when a file is larger than a
         quarter of free memory or an ANN index serves the queries (the exact vectors are then only
         read for re-scoring). Writers never map.
         """
         home = Path(home).expanduser().absolute()
-        if not (home / CATALOG).is_file():
+        guards.check_home(home, writable)  # under a file, or read-only for a writer: one line
+        if not (home / CATALOG).is_file() and not (salvage and any(guards.vector_files(home).values())):
             if not create:
                 raise IndexMissing(f"no index in {home} yet; build one with `crossmodal index FOLDER`")
-            if home.exists() and not home.is_dir():
-                raise UserError(f"index home {home} exists and is not a folder")
-            (home / "vectors").mkdir(parents=True, exist_ok=True)
+            guards.make_home(home)
         lock = WriterLock(home) if writable else None
         store: Store | None = None
         try:
+            from retrieval.store import salvage as salvaging
+
+            why = salvaging.damage(home) if salvage else None
+            notes = salvaging.rebuild(home, why) if why else []
             store = cls(home, writable, lock, mmap)
+            store.salvaged = notes
             store._prepare_schema()
             store._load(check=check)
-        except BaseException:
+        except BaseException as e:
             if store is not None:
                 store.close()  # releases the lock too
             elif lock:
                 lock.release()
+            problem = guards.catalog_error(home, e)
+            if problem is not None:
+                raise problem from e
             raise
         return store
 
@@ -107,9 +123,12 @@ class Store(StoreReads):
     def engine(self) -> Engine:
         """The SQLAlchemy engine, made (and SQLAlchemy imported) on first use: writers and migrations."""
         if self._engine is None:
+            from sqlalchemy.engine import URL
+
             from retrieval.store.schema import make_engine
 
-            self._engine = make_engine(f"sqlite:///{self.home / CATALOG}")
+            # URL.create: `?`, `%` or `#` in the home are part of the file name, never a query string
+            self._engine = make_engine(URL.create("sqlite", database=str(self.home / CATALOG)))
         return self._engine
 
     @property
@@ -132,13 +151,16 @@ class Store(StoreReads):
                 if isinstance(e, sqlite3.OperationalError):  # locked, I/O: not a verdict on the file
                     raise
                 raise IndexMismatch(f"catalog {self.home / CATALOG} is unreadable ({e}): not a crossmodal "
-                                    f"catalog, or damaged; restore it, or index into a new --home") from e
+                                    f"catalog, or damaged; {guards.REPAIR}") from e
             if found is None:
-                raise no_catalog(self.home)
+                raise guards.lost_catalog(self.home) or no_catalog(self.home)
             if found > SCHEMA_VERSION:
                 raise schema_too_new(self.home, found)
             if found == SCHEMA_VERSION:
                 return
+        lost = guards.lost_catalog(self.home)
+        if lost is not None:  # a fresh schema here would orphan every vector file
+            raise lost
         from retrieval.store import schema
 
         schema.prepare(self.engine, self.home, self.writable)
@@ -165,6 +187,10 @@ class Store(StoreReads):
                 raise FileNotFoundError(path)
             self.indexes[modality] = vec.new_index(self._require_model().dim)  # repair: lost file, no vectors
             return
+        problem = checksums.problem_at_open(path, self._sums(modality, gen)) if check else None
+        if problem:
+            raise IndexMismatch(f"vector file {path} {problem}: it is damaged; run `crossmodal repair` (it drops "
+                                f"the damaged vectors), then `crossmodal index` to re-embed them")
         try:
             ann_serves = ann.AnnState.from_json(self.meta.get(f"ann.{modality}")).active
             self.mapped[modality] = self._should_map(path, ann_serves)
@@ -174,10 +200,18 @@ class Store(StoreReads):
                 raise
             self.indexes[modality] = vec.new_index(self._require_model().dim)
 
+    def _sums(self, modality: str, gen: int) -> checksums.FileSums | None:
+        sums = checksums.FileSums.from_json(self.meta.get(f"sums.{modality}"))
+        return sums if sums is not None and sums.gen == gen else None
+
     def _load(self, check: bool, attempts: int = 3) -> None:
-        """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile."""
+        """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile.
+
+        A read-only store keeps that snapshot (`hold`): its rows then come from the commit its vectors did."""
         for attempt in range(attempts):
             try:
+                if not self.writable:
+                    self.reader.hold(SNAPSHOT_HOLD_S)
                 with self.reader.snapshot() as catalog:
                     self.meta = catalog.meta()
                     fp = self.meta.get("model")
@@ -193,19 +227,11 @@ class Store(StoreReads):
                     raise IndexMismatch(f"vector file {e} named by the catalog is missing; run "
                                         f"`crossmodal repair`, then `crossmodal index` to re-embed") from e
 
-    def _check_agreement(self, catalog: CatalogReader) -> None:
-        for m in MODALITIES:
-            rows = catalog.ids(m)
-            index = self.indexes.get(m)
-            held = vec.ids_of(index) if index is not None else np.zeros(0, dtype=np.int64)
-            if len(rows) == len(held) and np.array_equal(np.sort(rows), np.sort(held)):
-                continue
-            no_vec = len(np.setdiff1d(rows, held))
-            no_row = len(np.setdiff1d(held, rows))
-            raise IndexMismatch(
-                f"catalog and {m} vectors disagree in {self.home} ({no_vec} rows without a vector, "
-                f"{no_row} vectors without a row); run `crossmodal repair`, then `crossmodal index` "
-                f"to re-embed what it dropped")
+    def refresh(self) -> bool:
+        """Load the latest commit (a read-only store drops its held snapshot); True when anything changed."""
+        before = dict(self.meta)
+        self._load(check=True)
+        return self.meta != before
 
     def close(self) -> None:
         """Release the writer lock and database handles."""
@@ -281,7 +307,8 @@ class Store(StoreReads):
                 vec.remove_ids(index, remove)
                 if len(ids):
                     index.add_with_ids(vectors, ids)
-                vec.write_atomic(index, self._vector_path(modality, new_gen))  # before the catalog names it
+                sums = checksums.write_summed(index, self._vector_path(modality, new_gen), new_gen)  # before
+                writes.put_meta(s, f"sums.{modality}", sums.to_json())  # the catalog names it, with its sums
                 self._ann.follow(s, modality, ids, vectors, self.meta, fp.dim)  # writes its file first too
                 writes.put_meta(s, f"gen.{modality}", str(new_gen))
                 writes.put_meta(s, f"maxgen.{modality}", str(new_gen))
@@ -292,11 +319,17 @@ class Store(StoreReads):
             raise
         self.generations[modality] = new_gen
         self.meta[f"gen.{modality}"] = self.meta[f"maxgen.{modality}"] = str(new_gen)
+        self.meta[f"sums.{modality}"] = sums.to_json()
         vec.cleanup(self.home / "vectors", modality, keep={new_gen, old_gen})
         self._ann.cleanup(modality)
         return [int(i) for i in ids]
 
     # ---- ANN indexes (derived from the exact vectors: ann.py, ann_upkeep.py) ----------------------
+    def tune_with(self, source: QuerySource | None) -> None:
+        """Where ANN tuning gets query vectors of a kind this index holds too few of (see AnnUpkeep._cross):
+        `source("text")` returns caption-like text vectors, e.g. the built-in vocabulary's."""
+        self._ann.query_source = source
+
     def set_index_type(self, requested: str, budget: int | None = None, rebuild: bool = True,
                        force: bool = False, log: Log | None = None) -> dict[str, str]:
         """Record the index type to keep (auto/flat/hnsw/ivfpq/factory) and, with `rebuild`, build it now.
@@ -307,8 +340,12 @@ class Store(StoreReads):
         dim = self._require_model().dim
         from retrieval.store import writes
 
-        with writes.transaction(self.engine) as s:
-            out = self._ann.set_type(s, MODALITIES, requested, budget, self.meta, dim, rebuild, force, log)
+        try:
+            with writes.transaction(self.engine) as s:
+                out = self._ann.set_type(s, MODALITIES, requested, budget, self.meta, dim, rebuild, force, log)
+        except BaseException:
+            self._load(check=False)  # memory may hold the refused state; the catalog does not
+            raise
         for m in MODALITIES:
             self._ann.cleanup(m)
         return out
@@ -354,41 +391,3 @@ class Store(StoreReads):
 
         with writes.transaction(self.engine) as s:
             writes.record_skipped(s, skipped)
-
-    # ---- repair --------------------------------------------------------------------------------
-    def repair(self) -> dict[str, int]:
-        """Make catalog and vectors agree: drop rows without vectors and vectors without rows.
-
-        Reads the catalog's ids and deletes in one write transaction, so nothing slips in between.
-        """
-        self._require_writable()
-        report = {"rows_dropped": 0, "vectors_dropped": 0}
-        from retrieval.store import writes
-
-        with writes.transaction(self.engine) as s:
-            for m in MODALITIES:
-                rows = writes.ids(s, m)
-                index = self.indexes.get(m)
-                if index is None:
-                    if len(rows):
-                        writes.delete_modality(s, m)
-                        report["rows_dropped"] += len(rows)
-                    continue
-                held = vec.ids_of(index)
-                no_vec = np.setdiff1d(rows, held)
-                no_row = np.setdiff1d(held, rows)
-                writes.delete_ids(s, no_vec.tolist())
-                report["rows_dropped"] += len(no_vec)
-                report["vectors_dropped"] += vec.remove_ids(index, no_row)
-                gen = max(self.generations.get(m, 0), int(self.meta.get(f"maxgen.{m}", "0"))) + 1
-                vec.write_atomic(index, self._vector_path(m, gen))
-                writes.put_meta(s, f"gen.{m}", str(gen))
-                writes.put_meta(s, f"maxgen.{m}", str(gen))
-                self.generations[m] = gen
-                if self.fingerprint is not None:  # ANN: derived, rebuilt from the rest
-                    self.ann_problem.pop(m, None)
-                    self._ann.follow(s, m, np.zeros(0, np.int64), np.zeros((0, index.d), np.float32),
-                                     self.meta, self.fingerprint.dim,
-                                     force=self._ann.state_of(m).active)
-        self._load(check=True)
-        return report

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import numpy as np
 from sqlalchemy import delete, select, update
+from sqlalchemy import insert as sql_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -71,23 +72,38 @@ def ids(s: Session, modality: str) -> np.ndarray:
     return np.asarray(s.scalars(select(Item.id).where(Item.modality == modality)).all(), dtype=np.int64)
 
 
+def paths_of(s: Session, ids: Sequence[int]) -> list[str]:
+    """The file paths of these rows (images; captions have none), sorted: what repair says it dropped."""
+    out: list[str] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = [int(i) for i in ids[start:start + _CHUNK]]
+        out += [p for p in s.scalars(select(Item.path).where(Item.id.in_(chunk))) if p is not None]
+    return sorted(out)
+
+
 def put_meta(s: Session, key: str, value: str) -> None:
     """Set one meta value (insert or replace)."""
     s.merge(Meta(key=key, value=value))
 
 
 def move(s: Session, moves: Sequence[tuple[int, str, int, float]]) -> None:
-    """New (path, bytes, mtime) for rows whose content did not change; their vectors stay."""
-    for item_id, path, size, mtime in moves:
-        s.execute(update(Item).where(Item.id == item_id).values(path=path, bytes=size, mtime=mtime))
+    """New (path, bytes, mtime) for rows whose content did not change; their vectors stay.
+
+    One executemany (an ORM bulk update by primary key): a moved folder of 40,000 photos is one statement
+    run 40,000 times, not 40,000 round trips through the ORM."""
+    if moves:
+        s.execute(update(Item), [{"id": int(i), "path": p, "bytes": b, "mtime": m} for i, p, b, m in moves])
     forget_skipped(s, [m[1] for m in moves])
 
 
 def record_skipped(s: Session, skipped: Sequence[tuple[str, str]]) -> None:
-    """Remember files that could not be indexed and why (latest reason wins)."""
-    now = utcnow()
-    for path, reason in skipped:
-        s.merge(Skipped(path=path, reason=reason, at=now))
+    """Remember files that could not be indexed and why (latest reason wins): the old entries of these
+    paths go, then one bulk insert (a merge per row took 30 s for 40,000 skips)."""
+    latest = dict(skipped)
+    forget_skipped(s, list(latest))
+    if latest:
+        now = utcnow()
+        s.execute(sql_insert(Skipped), [{"path": p, "reason": r, "at": now} for p, r in latest.items()])
 
 
 def forget_skipped(s: Session, paths: Sequence[str]) -> None:

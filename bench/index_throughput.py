@@ -273,11 +273,17 @@ def time_naive(model, preprocess, files: list[str], batch_size: int) -> dict:
 
 
 def with_precision(encoder, precision: str):
-    """The same loaded model run at another precision, through the real TorchEncoder code path."""
-    from retrieval.model.torch_encoder import TorchEncoder
+    """The same loaded model run at another precision, through the real TorchEncoder code path (a copy of
+    the weights in that precision, as load_encoder makes them)."""
+    import copy
 
-    return TorchEncoder(encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device, precision,
-                   encoder.fingerprint)
+    import torch
+
+    from retrieval.model.torch_encoder import TorchEncoder, with_weights
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return TorchEncoder(with_weights(copy.deepcopy(encoder.model), dtype), encoder.tokenizer, encoder.preprocess,
+                        encoder.device, precision, encoder.fingerprint)
 
 
 def warm(encoder, batch_size: int) -> None:

@@ -35,14 +35,31 @@ def test_batch_order_does_not_change_vectors(encoder):
     assert np.allclose(together[:5], alone, atol=1e-5)
 
 
-def test_bf16_agrees_with_fp32(checkpoint, encoder):
+def test_bf16_agrees_with_fp32(checkpoint, encoder, photos):
+    """bf16 means bf16 weights (autocast keeps fp32 weights and was no faster), within the bounds the speed
+    issue sets: mean cosine >= 0.999 and minimum >= 0.995 to fp32, for images, texts and token features."""
+    import torch
+
+    from retrieval.media.decode import decode_for_model
+
     bf16 = load_encoder(ModelSpec(TEST_MODEL, str(checkpoint), device="cpu", precision="bf16"))
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}  # the fp32 one is untouched
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
-    texts = ["a photo of a dog", "a red car at night", "mountains", "two people talking"]
+    files = [photos[f"img{i:02d}"] for i in range(10)] + [photos["rotated"]]
+    pixels = np.concatenate([rng.integers(0, 255, (4, 224, 224, 3), dtype=np.uint8),
+                             np.stack([decode_for_model(f.read_bytes(), encoder.preprocess).pixels for f in files])])
+    texts = ["a photo of a dog", "a red car at night", "mountains", "two people talking", "",
+             "a very long caption " * 10]
+    (_, ta), (_, tb) = encoder.encode_texts_with_tokens(texts), bf16.encode_texts_with_tokens(texts)
+    (_, ia), (_, ib) = encoder.encode_pixels_with_tokens(pixels[:4]), bf16.encode_pixels_with_tokens(pixels[:4])
+    assert ib.dtype == np.float32
+    tokens = (np.concatenate([t.reshape(-1, t.shape[-1]) for t in ta] + [ia.reshape(-1, ia.shape[-1])]),
+              np.concatenate([t.reshape(-1, t.shape[-1]) for t in tb] + [ib.reshape(-1, ib.shape[-1])]))
     for a, b in [(encoder.encode_pixels(pixels), bf16.encode_pixels(pixels)),
-                 (encoder.encode_texts(texts), bf16.encode_texts(texts))]:
-        assert (np.sum(a * b, axis=1) >= 0.99).all()
+                 (encoder.encode_texts(texts), bf16.encode_texts(texts)), tokens]:
+        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.mean() >= 0.999 and cos.min() >= 0.995
 
 
 def test_precision_auto(monkeypatch):

@@ -78,7 +78,11 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
 
 
 class TorchEncoder(Encoder):
-    """A loaded model on one device and precision; all outputs are float32, L2-normalised, numpy."""
+    """A loaded model on one device and precision; all outputs are float32, L2-normalised, numpy.
+
+    Reduced precision means the weights themselves are bf16 or fp16 (`model.to(dtype)`), not autocast: on
+    a CPU with AVX512-BF16, ViT-B-32 ran 89.8 img/s with bf16 weights, 19.8 under autocast (which keeps
+    fp32 weights and casts them on every call) and 21.4 in fp32."""
 
     backend = "torch"
 
@@ -97,12 +101,11 @@ class TorchEncoder(Encoder):
         import torch
 
         with torch.inference_mode():
-            if self.precision == "fp32":
-                yield
-            else:
-                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-                with torch.autocast(device_type=self.device, dtype=dtype):
-                    yield
+            yield
+
+    def _model_input(self, pixels: np.ndarray | Any) -> Any:
+        """`pixels_to_tensor` in the dtype of the model's weights."""
+        return self.pixels_to_tensor(pixels).to(_weight_dtype(self.model))
 
     def _tokens(self, texts: Sequence[str]) -> Any:
         """open_clip's token ids of `texts` cut first to what can reach the context (bpe.cap_text): its BPE is
@@ -136,7 +139,7 @@ class TorchEncoder(Encoder):
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._inference():
-            return self._normalise(self.model.encode_image(self.pixels_to_tensor(pixels)))
+            return self._normalise(self.model.encode_image(self._model_input(pixels)))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts in batches; returns (len(texts), dim). Similar lengths are batched together."""
@@ -167,7 +170,7 @@ class TorchEncoder(Encoder):
         from retrieval.model.token_features import image_forward
 
         with self._inference():
-            pooled, tokens = image_forward(self.model, self.pixels_to_tensor(pixels))
+            pooled, tokens = image_forward(self.model, self._model_input(pixels))
             return self._normalise(pooled), tokens.float().cpu().numpy()
 
     def encode_text_tokens(self, texts: Sequence[str]) -> Any:
@@ -255,6 +258,17 @@ def load_encoder(spec: ModelSpec, checkpoint_sha: str | None = None, purpose: st
         torch.set_num_threads(usable_cores())
     model, tokenizer, pre = _create(spec, device)
     model.eval()
+    if precision in ("bf16", "fp16"):
+        model = with_weights(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     with torch.inference_mode():
         dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
     return TorchEncoder(model, tokenizer, pre, device, precision, fingerprint_for(spec, dim, checkpoint_sha))
+
+
+def _weight_dtype(model: Any) -> Any:
+    return next(model.parameters()).dtype
+
+
+def with_weights(model: Any, dtype: Any) -> Any:
+    """The model with its weights (and floating buffers, e.g. the causal attention mask) in `dtype`."""
+    return model.to(dtype)

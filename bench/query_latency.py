@@ -28,10 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def export_metas(home: Path) -> list[Path]:
+    """export.json of every export the bench index may use: the shared cache's, and the home's (earlier versions)."""
+    from retrieval.model.export_cache import exports_root, legacy_root
+
+    return [*exports_root().glob("*/export.json"), *legacy_root(home).glob("*/export.json")]
+
+
 def has_current_export(home: Path) -> bool:
     from retrieval.model.onnx_encoder import EXPORT_VERSION
 
-    for meta in (home / "onnx").glob("*/export.json"):
+    for meta in export_metas(home):
         try:
             if json.loads(meta.read_text()).get("version") == EXPORT_VERSION:
                 return True
@@ -157,7 +164,7 @@ def main() -> None:
         print(f"heavy modules imported ({b}): {' | '.join(found)}")
     from retrieval.model.onnx_encoder import EXPORT_VERSION
 
-    meta = next(m for p in (a.home / "onnx").glob("*/export.json")
+    meta = next(m for p in export_metas(a.home)
                 if (m := json.loads(p.read_text())).get("version") == EXPORT_VERSION)
     print("export on disk: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(meta["bytes"].items()))
           + f"; total {sum(meta['bytes'].values()) / 1e6:.0f} MB; made in {meta['seconds']} s")

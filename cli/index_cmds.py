@@ -50,7 +50,10 @@ def index(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto | fp32 | bf16 | fp16 | int8 (auto: fp16 on CUDA, bf16 on CPUs where bf16 is "
+                            "fast, else fp32; int8: images on an int8 ONNX Runtime graph checked against fp32, "
+                            "CPU only, opt-in)")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", min=1, max=4096,
         help=f"Images per model call [default: {DEFAULT_BATCH_SIZE}, {DEFAULT_CUDA_BATCH_SIZE} on CUDA]")] = None,
@@ -90,7 +93,6 @@ def index(
         recorded_preprocess,
         requested_spec,
     )
-    from retrieval.model.torch_encoder import TorchEncoder
     from retrieval.query.tuning import vocabulary_queries
     from retrieval.store import Store
 
@@ -98,9 +100,17 @@ def index(
         if not p.expanduser().exists():
             raise UserError(f"no such file or folder: {p}")
 
-    def load() -> TorchEncoder:
-        enc = open_model(store, model, pretrained, device, precision)
+    int8 = precision == "int8"  # images on the int8 graph (model/onnx_quant.py); the model itself at auto
+    if int8 and device not in ("auto", "cpu"):
+        raise UserError("--precision int8 runs the image tower on the CPU (ONNX Runtime); drop --device")
+
+    def load() -> Encoder:
+        enc: Encoder = open_model(store, model, pretrained, "cpu" if int8 else device, "auto" if int8 else precision)
         record_model(store, enc)
+        if int8:
+            from retrieval.model.onnx_quant import Int8ImageEncoder
+
+            enc = Int8ImageEncoder(enc, store.home, None if quiet or json_out else err, lambda m: err(f"warning: {m}"))
         if not quiet and not json_out:
             typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)
         return enc
@@ -110,14 +120,14 @@ def index(
         pre = recorded_preprocess(store) if store.fingerprint is not None else None
         # An index that knows its model's preprocessing loads the model only when an image needs embedding:
         # an unchanged re-run never does. A new index loads it now and records it.
-        source: TorchEncoder | ModelOnDemand = load() if pre is None else ModelOnDemand(load, pre, device)
+        source: Encoder | ModelOnDemand = load() if pre is None else ModelOnDemand(load, pre, "cpu" if int8 else device)
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 
             problem = gpu_decode_problem(source.device)
             if problem:
                 raise UserError(f"--gpu-decode: {problem}")
-        fp = source.fingerprint if isinstance(source, TorchEncoder) else store.fingerprint
+        fp = store.fingerprint if isinstance(source, ModelOnDemand) else source.fingerprint
         if fp is None:  # a recorded preprocessing implies a recorded model
             raise UserError(f"the index in {store.home} records no model; index into a new --home")
         # Tuning may embed the vocabulary with the model in memory; nothing loads it for tuning alone.
@@ -317,12 +327,14 @@ def add_texts(
 
 
 def _export_for_queries(fp: Fingerprint, encoder: Callable[[], Encoder], quiet: bool) -> None:
-    """Export the model to ONNX once per index so queries start without torch; never fails the command.
-    The model is loaded for it only when there is no export yet."""
-    from retrieval.model.onnx_encoder import OnnxEncoder, unsupported_marker
+    """Export the model to ONNX once per machine (the per-user cache every home shares) so queries start
+    without torch; never fails the command. The model is loaded for it only when there is no export yet, and
+    a home whose model another home already exported pays nothing."""
+    from retrieval.model.export_cache import unsupported_marker
+    from retrieval.model.onnx_encoder import OnnxEncoder
     from retrieval.query.open import default_backend
 
-    if default_backend() == "torch" or unsupported_marker(home(), fp).is_file():
+    if default_backend() == "torch" or unsupported_marker(fp).is_file():
         return
     if OnnxEncoder.open(home(), fp) is not None:
         return
@@ -330,9 +342,11 @@ def _export_for_queries(fp: Fingerprint, encoder: Callable[[], Encoder], quiet: 
 
     def start() -> None:
         if not quiet:
-            err("exporting the model to ONNX for fast queries (once per index and model)")
+            err("exporting the model to ONNX for fast queries (once per model on this machine, shared by every "
+                "index)")
 
-    ensure_export(encoder(), home(), lambda msg: err(f"warning: {msg}"), on_start=start)
+    ensure_export(encoder(), home(), lambda msg: err(f"warning: {msg}"), on_start=start,
+                  on_wait=None if quiet else err)
 
 
 @handle_errors

@@ -212,15 +212,17 @@ def caption(
 
 @handle_errors
 def info(json_out: JsonOpt = False) -> None:
-    """What the index holds: model, counts, corpora, size on disk.
+    """What the index holds: model, counts, corpora, size on disk, and where its model's ONNX export is.
 
-    Also lists the temporary folders of ONNX exporters that died (killed mid-export) and removes them: they
-    belong to no live process (on a read-only home they are only listed).
+    Also lists the temporary folders of ONNX exporters that died (killed mid-export) and removes them, in the
+    shared export cache and in the home (earlier versions exported there): they belong to no live process
+    (where the folder is read-only they are only listed).
 
     Example:
 
       crossmodal info --json
     """
+    from retrieval.model.recorded import image_precisions
     from retrieval.store import Store
 
     read_only()
@@ -231,6 +233,7 @@ def info(json_out: JsonOpt = False) -> None:
             "model": fp.model if fp else None,
             "pretrained": fp.pretrained if fp else None,
             "dim": fp.dim if fp else None,
+            "image_precision": ", ".join(image_precisions(store)) or None,  # which embedded the images
             "images": store.count("image"),
             "texts": store.count("text"),
             "corpora": store.corpora(),
@@ -238,13 +241,20 @@ def info(json_out: JsonOpt = False) -> None:
         }
         size = store.size_on_disk()
         skipped = len(store.skipped())
-    from retrieval.model.onnx_encoder import export_root
+    from retrieval.model.export_cache import exports_root, legacy_dir, legacy_root
+    from retrieval.model.onnx_encoder import find_export, folder_bytes
     from retrieval.model.onnx_upkeep import sweep_exports
 
-    leftovers = sweep_exports(export_root(store.home))
+    leftovers = sweep_exports(exports_root()) + sweep_exports(legacy_root(store.home))
+    found = find_export(fp, store.home) if fp is not None else None
+    export = {"path": str(found[0]), "bytes": folder_bytes(found[0]),
+              "shared": found[0].parent == exports_root()} if found is not None else None
+    unused = legacy_dir(store.home, fp) if fp is not None and (found is None or found[0].parent == exports_root()) \
+        else None
     if json_out:  # "onnx_leftovers" only when there were some
-        print_json({**data, **({"onnx_leftovers": [{"path": str(x.path), "bytes": x.bytes, "removed": x.removed}
-                                                   for x in leftovers]} if leftovers else {})})
+        print_json({**data, "onnx_export": export,
+                    **({"onnx_leftovers": [{"path": str(x.path), "bytes": x.bytes, "removed": x.removed}
+                                           for x in leftovers]} if leftovers else {})})
         return
     rows = [[k, str(v)] for k, v in data.items() if k not in ("corpora", "vector_index")]
     for m, ix in data["vector_index"].items():
@@ -254,10 +264,17 @@ def info(json_out: JsonOpt = False) -> None:
     rows += [[f"corpus {name}", str(n)] for name, n in data["corpora"].items()]
     rows += [["skipped files", str(skipped)], ["size on disk", f"{size / 1e6:.1f} MB"]]
     if fp is not None:
-        from retrieval.model.onnx_encoder import export_bytes
+        where = ("shared by every index of this model" if export and export["shared"]
+                 else "in this index, from an earlier crossmodal")
+        rows += [["ONNX export (fast queries)",
+                  f"{export['path']}, {int(export['bytes']) / 1e6:.1f} MB ({where})" if export else "none"]]
+        from retrieval.model.onnx_quant import int8_status
 
-        onnx_bytes = export_bytes(store.home, fp)
-        rows += [["ONNX export (fast queries)", f"{onnx_bytes / 1e6:.1f} MB" if onnx_bytes else "none"]]
+        int8 = int8_status(store.home, fp)
+        rows += [["int8 image tower (index --precision int8)", int8]] if int8 else []
+    if unused is not None and unused.is_dir():
+        rows += [["unused ONNX export of an earlier crossmodal",
+                  f"{unused}, {folder_bytes(unused) / 1e6:.1f} MB: delete it to reclaim the space"]]
     rows += [["ONNX leftover of a dead exporter", f"{x.path.name}, {x.bytes / 1e6:.1f} MB: "
-              + ("removed" if x.removed else "not removed (read-only home?)")] for x in leftovers]
+              + ("removed" if x.removed else "not removed (read-only folder?)")] for x in leftovers]
     table("crossmodal index", ["what", "value"], rows)

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexer.decode import Decoded, Failed, decode_stream
-from indexer.gpu_stream import default_gpu_workers, gpu_decode_stream, stack_pixels, wants_gpu_decode
 from indexer.scan import FileEntry, plan, scan
 from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.fsutil import sha256_file
 from retrieval.hardware import usable_cores
 from retrieval.media.thumbnails import prune_thumbs
 from retrieval.model.protocol import Encoder
-from retrieval.model.recorded import ModelOnDemand
+from retrieval.model.recorded import ModelOnDemand, record_image_precision
 from retrieval.rerank import token_cache
 from retrieval.store import ImageRecord, Store
 from retrieval.store.paths import from_catalog, path_json, to_catalog
+
+if TYPE_CHECKING:  # decoding is imported when there is something to decode: an unchanged re-run never is
+    from indexer.decode import Decoded, Failed
 
 ProgressFn = Callable[[int, int], None]
 
@@ -40,6 +42,8 @@ class IndexReport:
     seconds: float = 0.0
     images_per_second: float = 0.0
     total: int = 0
+    workers: int | None = None  # decode processes the run used (None: nothing was decoded)
+    stages: dict[str, float] = field(default_factory=dict)  # decode and model time per image, where measured
 
     def to_json(self) -> dict:
         return {
@@ -51,13 +55,14 @@ class IndexReport:
             "skipped": [{**path_json(p), "reason": r} for p, r in self.skipped],
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            **({"decode_workers": self.workers} if self.workers is not None else {}),
+            **({"stage_ms_per_image": self.stages} if self.stages else {}),
         }
 
 
 def default_workers() -> int:
-    """Decode processes. Decoding (draft-mode JPEG) costs about a quarter of what ViT-B-32 inference costs
-    per image on CPU, so one worker per four cores keeps the model fed; on two cores or fewer a worker only
-    competes with the model's threads (bench/index_throughput.py), so decoding stays in-process."""
+    """A fixed decode-process count for callers that do not let a run measure it (index_paths picks its own
+    from the first batch, see choose_workers): one per four cores, none on two or fewer."""
     n = usable_cores()
     return 0 if n <= 2 else max(1, min(8, n // 4))
 
@@ -169,8 +174,12 @@ def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[
     report = IndexReport(unchanged=todo.unchanged, skipped=list(found.skipped), total=len(work),
                          moved=len(moves), kept=todo.kept)
     if work:
+        # Files that failed before are retried; when nothing else is new, the model loads only if one of
+        # them now decodes (no background load that a run of broken files would pay for).
+        failed_before = {p for p, _ in store.skipped()}
+        prefetch = any(to_catalog(f.path) not in failed_before for f, _ in work)
         _embed(store, encoder, work, report, batch_size or default_batch_size(encoder.device), workers, progress,
-               commit_every, thumbnails, gpu_decode)
+               commit_every, thumbnails, gpu_decode, prefetch)
     else:
         store.record_skipped(report.skipped)
     report.removed = store.remove_images(todo.missing)
@@ -185,21 +194,45 @@ def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[
     return report
 
 
+def choose_workers(decode_s: float, model_s: float, cores: int) -> int:
+    """Decode processes for the rest of a run, from one image's measured decode time (one core) and model
+    time (all cores' threads): in-process decoding costs decode + model per image; w workers decode w at a
+    time while the model runs on the cores they leave (its time assumed to grow as cores / threads, which
+    is pessimistic, and decoding 10% slower for the hand-over), so a worker pays only when decoding would
+    otherwise hold the model up. Ties keep the fewer processes."""
+    best, best_rate = 0, 1.0 / max(decode_s + model_s, 1e-9)
+    for w in range(1, min(8, cores - 1) + 1):
+        model_w = model_s * cores / (cores - w)
+        rate = min(w / max(1.1 * decode_s, 1e-9), 1.0 / max(model_w, 1e-9))
+        if rate > best_rate * 1.05:
+            best, best_rate = w, rate
+    return best
+
+
 def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileEntry, int | None]],
            report: IndexReport, batch_size: int, workers: int | None, progress: ProgressFn | None,
-           commit_every: int, thumbnails: bool, gpu_decode: bool | None) -> None:
-    """Decode, embed and commit `work` (files, and the id each replaces), filling `report` as it goes."""
+           commit_every: int, thumbnails: bool, gpu_decode: bool | None, prefetch: bool = True) -> None:
+    """Decode, embed and commit `work` (files, and the id each replaces), filling `report` as it goes.
+
+    Without a worker count (the default, on the CPU) the first batch is decoded in this process and
+    embedded with every core, timing both stages, and the rest of the run uses the worker count
+    `choose_workers` predicts to be fastest; a model still loading (ModelOnDemand) loads meanwhile."""
+    from indexer.decode import Failed, decode_entry, decode_stream
+    from indexer.gpu_stream import default_gpu_workers, gpu_decode_stream, stack_pixels, wants_gpu_decode
+
     replaces = {f.path: old for f, old in work}
     device, pre = source.device, source.preprocess
     use_gpu = wants_gpu_decode(device, gpu_decode)
-    nworkers = (default_gpu_workers() if use_gpu else default_workers()) if workers is None else workers
+    nworkers: int | None = default_gpu_workers() if use_gpu and workers is None else workers
+    if isinstance(source, ModelOnDemand) and prefetch:
+        source.prefetch()  # the first images decode while the weights load
     ready: list[tuple[Encoder, token_cache.TokenCacheWriter | None]] = []
 
     def model() -> tuple[Encoder, token_cache.TokenCacheWriter | None]:
         """The encoder and the reranker's token-cache writer, made when the first batch needs them."""
         if not ready:
             encoder = source if isinstance(source, Encoder) else source()
-            if not use_gpu:
+            if not use_gpu and nworkers is not None:
                 _share_cores(device, nworkers)  # after loading: loading sets the model's threads
             ready.append((encoder, token_cache.writer_for(store.home, encoder, "image", commit_every)))
         return ready[0]
@@ -213,6 +246,7 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
     done = 0
 
     def encode_batch() -> None:
+        nonlocal done
         if not batch:
             return
         encoder, tokens = model()
@@ -222,32 +256,62 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
             tokens.add([d.sha256 for d in batch], toks)
         else:
             vectors = encoder.encode_pixels(pixels)
+        record_image_precision(store, encoder.precision)  # recorded before the commit of what it embedded
         records = [ImageRecord(path=to_catalog(d.entry.path), sha256=d.sha256, bytes=d.entry.size,
                                mtime=d.entry.mtime, width=d.width, height=d.height, meta=d.meta) for d in batch]
         committer.add(records, vectors, [replaces[d.entry.path] for d in batch])
+        done += len(batch)
         batch.clear()
 
+    def take(res: Decoded | Failed, encode: bool = True) -> None:
+        nonlocal done
+        if isinstance(res, Failed):
+            report.skipped.append((to_catalog(res.entry.path), res.reason))
+            done += 1
+        else:
+            batch.append(res)
+            if encode and len(batch) >= batch_size:
+                encode_batch()
+        if progress:
+            progress(done, len(work))
+
     home = str(store.home) if thumbnails else None
-    if use_gpu:
-        stream = gpu_decode_stream([f for f, _ in work], pre, device, nworkers, home=home, batch=batch_size)
-    else:
-        if isinstance(source, Encoder):
-            _share_cores(device, nworkers)
-        lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # keep a batch decoded ahead of the model
-        stream = decode_stream([f for f, _ in work], pre, nworkers, home=home, lookahead=lookahead)
+    files = [f for f, _ in work]
+    stream: Iterator[Decoded | Failed] | None = None
     try:
+        if nworkers is None:  # measure both stages on the first batch, then pick the worker count
+            head, files = files[:batch_size], files[batch_size:]
+            t0 = time.perf_counter()
+            for f in head:
+                take(decode_entry(f, pre, home), encode=False)
+            decode_s = (time.perf_counter() - t0) / max(1, len(head))
+            ahead = 0  # while the weights still load, decoding goes on: that time is not lost
+            while isinstance(source, ModelOnDemand) and source.loading and ahead < len(files):
+                take(decode_entry(files[ahead], pre, home), encode=False)
+                ahead += 1
+            files = files[ahead:]
+            model()  # waits for the weights, so the timing below is the model's alone
+            decoded, batch[:] = list(batch), batch[:batch_size]
+            n = len(batch)
+            t1 = time.perf_counter()
+            encode_batch()
+            model_s = (time.perf_counter() - t1) / max(1, n)
+            for start in range(batch_size, len(decoded), batch_size):  # what was decoded while loading
+                batch[:] = decoded[start:start + batch_size]
+                encode_batch()
+            nworkers = choose_workers(decode_s, model_s, usable_cores()) if files and n else 0
+            report.stages = {"decode_ms": round(decode_s * 1000, 2), "model_ms": round(model_s * 1000, 2)}
+            _share_cores(device, nworkers)
+        report.workers = nworkers
+        if use_gpu:
+            stream = gpu_decode_stream(files, pre, device, nworkers, home=home, batch=batch_size)
+        else:
+            if ready:
+                _share_cores(device, nworkers)
+            lookahead = max(4, batch_size // (4 * max(1, nworkers)) + 2)  # a batch decoded ahead of the model
+            stream = decode_stream(files, pre, nworkers, home=home, lookahead=lookahead)
         for res in stream:
-            if isinstance(res, Failed):
-                report.skipped.append((to_catalog(res.entry.path), res.reason))
-                done += 1
-            else:
-                batch.append(res)
-                if len(batch) >= batch_size:
-                    n = len(batch)
-                    encode_batch()
-                    done += n
-            if progress:
-                progress(done, len(work))
+            take(res)
         encode_batch()
     finally:
         close = getattr(stream, "close", None)

@@ -70,3 +70,12 @@ class ExportDamaged(CrossmodalError):
 
 class ReadOnlyHome(UserError):
     """The index home cannot be written (permissions, a read-only mount): queries work, writers say so."""
+
+
+class ExportBusy(CrossmodalError):
+    """Another process is writing the same model's ONNX export (and the wait for it ran out, or there was none)."""
+
+
+class Int8Refused(CrossmodalError):
+    """The int8 image tower cannot be used (its check against fp32 failed, or it cannot be made): the index run
+    embeds images at the default precision instead, after one line."""

@@ -1,4 +1,9 @@
-"""Test-run settings: offline model hub, the shared fixtures (tests/fixtures.py), and the markers.
+"""Test-run settings: offline model hub, a private ONNX export cache, the shared fixtures (tests/fixtures.py),
+and the markers.
+
+CROSSMODAL_CACHE points at a temporary folder for the whole run (removed at the end), so no test reads or
+writes the user's real export cache; child processes inherit it. Tests that need a fresh export, or damage
+one, get a cache of their own (fixtures `own_cache`, `linked_cache`).
 
 Markers: `slow` (tens of seconds or more: CLI index runs, exports, crash loops), `browser` (a real Chromium),
 `subprocess` (runs the CLI or Python in a child process). `pytest -m "not slow"` is the quick inner loop;
@@ -9,10 +14,18 @@ what /proc/cpuinfo says, so the bf16 and the fp32 paths are both covered on any 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TEST_CACHE = tempfile.mkdtemp(prefix="crossmodal-test-cache-")
+os.environ["CROSSMODAL_CACHE"] = TEST_CACHE  # set, not defaulted: never the user's own cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 pytest_plugins = ["tests.fixtures"]
 

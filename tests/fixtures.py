@@ -1,6 +1,7 @@
 """The shared fixtures, each built once per test run (session scope): a seeded checkpoint and its encoder,
-generated photos, an index built through the library, its copy whose first query made the ONNX export, and
-the page tests' index built through the CLI.
+generated photos, an index built through the library, its copy whose first query made the ONNX export (in an
+export cache of its own, then shared through the run's cache), and the page tests' index built through the
+CLI. Per test: `own_cache` (an empty export cache) and `linked_cache` (one holding the first query's export).
 
 No network: the model is random-initialised, saved, and loaded back through `--pretrained PATH`, the same
 path users take with their own checkpoints. Results are meaningless semantically; tests check mechanics
@@ -9,6 +10,7 @@ against oracles.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,9 +58,19 @@ def built_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos) -> Pa
 
 
 @pytest.fixture(scope="session")
-def first_query(built_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, list[str]]]:
-    """(searcher, notices) of the first query on a copy of `built_index`, which has no export yet: that query
-    makes the ONNX export (the real path), once per test run."""
+def first_query_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export cache (CROSSMODAL_CACHE) of `first_query` alone: empty until that query exports into it."""
+    return tmp_path_factory.mktemp("first-query-cache")
+
+
+@pytest.fixture(scope="session")
+def first_query(built_index: Path, first_query_cache: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[object, list[str]]]:
+    """(searcher, notices) of the first query on a copy of `built_index`, with an empty export cache of its
+    own (other tests' `crossmodal index` runs export the same model into the run's cache): that query makes
+    the ONNX export (the real path), once per test run. The export is then linked into the run's cache, where
+    every other test's query of this model finds it."""
+    from retrieval.model.export_cache import CACHE_ENV, export_dir
     from retrieval.query.open import open_index
 
     home = tmp_path_factory.mktemp("onnx-query") / "home"
@@ -66,14 +78,63 @@ def first_query(built_index: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     # embed their own (order-dependent results otherwise).
     shutil.copytree(built_index, home, ignore=shutil.ignore_patterns("vocab"))
     lines: list[str] = []
-    searcher = open_index(home, device="cpu", notify=lines.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(first_query_cache))
+        searcher = open_index(home, device="cpu", notify=lines.append)
+        made = export_dir(searcher.store.fingerprint)
+    shared = export_dir(searcher.store.fingerprint)
+    if made.is_dir() and not shared.is_dir():  # another test's `index` may have made it there already
+        link_export(made, shared)
     yield searcher, lines
     searcher.store.close()
 
 
+def link_export(src: Path, dst: Path) -> Path:
+    """Install a copy of the export folder `src` at `dst` (an export cache's <key> folder): hard links for the
+    big files, which are never written in place (damage tests replace them), and real copies of the small
+    JSON files (tests rewrite export.json in place)."""
+
+    def copy(a: str, b: str) -> None:
+        (shutil.copy2 if a.endswith(".json") else os.link)(a, b)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    shutil.copytree(src, tmp, copy_function=copy)
+    os.replace(tmp, dst)
+    return dst
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty export cache for this test alone (CROSSMODAL_CACHE, inherited by CLI subprocesses): for a
+    test that needs a fresh export, or writes markers (unsupported, failed) the run's cache must not keep."""
+    from retrieval.model.export_cache import CACHE_ENV
+
+    cache = tmp_path / "export-cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    return cache
+
+
+@pytest.fixture
+def first_export(first_query, first_query_cache: Path, encoder) -> Path:  # noqa: ANN001
+    """The export folder the first query made (in its own cache; nothing ever changes it)."""
+    from retrieval.model.export_cache import export_key
+
+    return first_query_cache / "onnx" / export_key(encoder.fingerprint)
+
+
+@pytest.fixture
+def linked_cache(first_export: Path, own_cache: Path, encoder) -> Path:  # noqa: ANN001
+    """A cache for this test alone holding (linked) the first query's export: a test may damage it."""
+    from retrieval.model.export_cache import export_dir
+
+    link_export(first_export, export_dir(encoder.fingerprint))
+    return own_cache
+
+
 @pytest.fixture(scope="session")
 def home(first_query: tuple[object, list[str]]) -> Path:
-    """The index home (images + corpora alpha, beta) with its ONNX export."""
+    """The index home (images + corpora alpha, beta); its model's ONNX export is in the run's cache."""
     return first_query[0].store.home  # type: ignore[attr-defined]
 
 

@@ -87,7 +87,12 @@ def test_add_texts_every_format(cli_home, tmp_path):
     info = json.loads(ok(run_cli("info", "--json", home=home)).stdout)
     assert info == {"home": str(home), "model": TEST_MODEL, "pretrained": info["pretrained"], "dim": 384,
                     "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2},
-                    "vector_index": info["vector_index"]}  # its content: tests/test_ann.py
+                    "vector_index": info["vector_index"],  # its content: tests/test_ann.py
+                    "onnx_export": info["onnx_export"]}
+    from retrieval.model.export_cache import exports_root
+
+    export = info["onnx_export"]  # the shared cache's export of the model (`index` made or found it)
+    assert Path(export["path"]).parent == exports_root() and export["shared"] is True and export["bytes"] > 1e6
     assert info["vector_index"]["text"]["describe"] == "flat (exact)"
     user_error(run_cli("add-texts", str(tmp_path / "caps.csv"), "--column", "nope", home=home),
                "no column 'nope'")

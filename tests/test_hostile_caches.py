@@ -28,7 +28,8 @@ import retrieval.model.onnx_export as ox  # noqa: E402
 import retrieval.query.open as query_open  # noqa: E402
 from retrieval.errors import DiskFull, UserError  # noqa: E402
 from retrieval.model.bpe import BpeTokenizer, cap_text  # noqa: E402
-from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root  # noqa: E402
+from retrieval.model.export_cache import export_dir, export_key, exports_root  # noqa: E402
+from retrieval.model.onnx_encoder import OnnxEncoder  # noqa: E402
 from retrieval.model.onnx_upkeep import failure_marker, sweep_exports  # noqa: E402
 from retrieval.model.spec import Fingerprint  # noqa: E402
 from retrieval.model.torch_encoder import TorchEncoder  # noqa: E402
@@ -217,15 +218,16 @@ def test_cli_search_answers_over_a_truncated_segment(home: Path, tmp_path) -> No
 
 # ---- 3: damaged exports ----------------------------------------------------------------------------------
 @pytest.fixture
-def remake(home: Path, encoder, monkeypatch):  # noqa: ANN001, ANN201
-    """The model on torch without reloading it, and a re-export that installs a copy of the good export
-    (real exports are tested in test_onnx_export.py); returns the homes it exported into."""
+def remake(first_export: Path, linked_cache: Path, encoder, monkeypatch):  # noqa: ANN001, ANN201
+    """In an export cache of this test's own (linked_cache: the good export, linked, so the test may damage
+    it): the model on torch without reloading it, and a re-export that installs a copy of the good export
+    (real exports are tested in test_onnx_export.py); returns the homes it exported for."""
     made: list[Path] = []
 
     def export_copy(enc, into):  # noqa: ANN001, ANN202
-        final = export_dir(into, enc.fingerprint)
-        tmp = export_root(into) / f".{final.name}.{os.getpid()}.copy.tmp"
-        shutil.copytree(export_dir(home, enc.fingerprint), tmp, copy_function=os.link)
+        final = export_dir(enc.fingerprint)
+        tmp = exports_root() / f".{final.name}.{os.getpid()}.copy.tmp"
+        shutil.copytree(first_export, tmp, copy_function=os.link)
         ox._install(tmp, final, enc.fingerprint)
         made.append(Path(into))
         return final
@@ -242,7 +244,7 @@ def test_truncated_export_is_dropped_remade_and_torch_answers(home: Path, photos
     want, quiet, enc = _search(home, None, rerank=query == "text", **kwargs)
     assert isinstance(enc, OnnxEncoder) and quiet == []
     copy = _copy(home, tmp_path / "home")
-    _cut(export_dir(copy, enc.fingerprint) / name, 0.3)
+    _cut(export_dir(enc.fingerprint) / name, 0.3)
     got, lines, enc = _search(copy, None, rerank=query == "text", **kwargs)
     assert isinstance(enc, TorchEncoder)
     _same(got, want)
@@ -251,13 +253,14 @@ def test_truncated_export_is_dropped_remade_and_torch_answers(home: Path, photos
     again, lines, enc = _search(copy, None, rerank=query == "text", **kwargs)
     assert isinstance(enc, OnnxEncoder) and lines == []
     _same(again, want)
-    assert [p.name for p in export_root(copy).iterdir()] == [export_key(enc.fingerprint)]
+    assert [p.name for p in exports_root().iterdir()] == [export_key(enc.fingerprint)]
+    assert not (copy / "onnx").exists()
 
 
 def test_export_onnx_runtime_cannot_load_falls_back_mid_query(home: Path, tmp_path, remake) -> None:
     want, _, _ = _search(home, None)
     copy = _copy(home, tmp_path / "home")
-    _zero(export_dir(copy, _fingerprint(home)) / "text.onnx")
+    _zero(export_dir(_fingerprint(home)) / "text.onnx")
     got, lines, enc = _search(copy, None)
     assert isinstance(enc, OnnxEncoder) and isinstance(enc.instead, TorchEncoder)  # opened fine, failed at use
     _same(got, want)
@@ -320,8 +323,9 @@ def test_writer_sweeps_temporary_files_of_dead_writers(tmp_path) -> None:
 
 
 @pytest.fixture
-def failing_export(built_index: Path, encoder, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
-    """A home without an export whose exports fail with a full disk; returns (home, attempts)."""
+def failing_export(built_index: Path, encoder, tmp_path, own_cache, monkeypatch):  # noqa: ANN001, ANN201
+    """A home without an export (and an empty cache) whose exports fail with a full disk; returns (home,
+    attempts)."""
     import torch
 
     attempts: list[str] = []
@@ -347,10 +351,10 @@ def test_full_disk_export_says_so_and_queries_back_off(failing_export, encoder) 
     assert isinstance(enc, TorchEncoder) and len(attempts) == 1
     _same(got, want)
     assert len(lines) == 2 and "no ONNX export" in lines[0], lines
-    assert "disk full" in lines[1] and str(export_root(home)) in lines[1] and "torch" in lines[1]
+    assert "disk full" in lines[1] and str(exports_root()) in lines[1] and "torch" in lines[1]
     assert "nothing of it was kept" in lines[1]
-    marker = failure_marker(home, encoder.fingerprint)
-    assert [p.name for p in export_root(home).iterdir()] == [marker.name]  # no temporary folder left
+    marker = failure_marker(encoder.fingerprint)
+    assert [p.name for p in exports_root().iterdir()] == [marker.name]  # no temporary folder (or lock) left
     got, lines, enc = _search(home, None, rerank=False)  # backs off: no second 10 s export
     assert isinstance(enc, TorchEncoder) and len(attempts) == 1
     _same(got, want)
@@ -370,11 +374,12 @@ def test_full_disk_export_says_so_and_queries_back_off(failing_export, encoder) 
 
 # ---- 16: folders of killed exporters ---------------------------------------------------------------------
 @pytest.mark.subprocess
-def test_info_lists_and_removes_leftovers_of_dead_exporters(built_index: Path, encoder, tmp_path) -> None:
+def test_info_lists_and_removes_leftovers_of_dead_exporters(built_index: Path, encoder, tmp_path,
+                                                            own_cache) -> None:
     home = _copy(built_index, tmp_path / "home")
     key = export_key(encoder.fingerprint)
-    dead = export_root(home) / f".{key}.{_dead_pid()}.k1ll3d.tmp"
-    live = export_root(home) / f".{key}.{os.getpid()}.busy.tmp"  # this process is alive: not a leftover
+    dead = exports_root() / f".{key}.{_dead_pid()}.k1ll3d.tmp"  # in the shared cache, where exports are made
+    live = exports_root() / f".{key}.{os.getpid()}.busy.tmp"  # this process is alive: not a leftover
     for p in (dead, live):
         (p / "sub").mkdir(parents=True)
         (p / "text.onnx.data").write_bytes(bytes(1_000_000))

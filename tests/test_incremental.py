@@ -42,13 +42,14 @@ def indexed(tmp_path, encoder):
 
 def test_unchanged_rerun_only_stats(indexed, encoder, monkeypatch):
     lib, store = indexed
-    import indexer.pipeline as pipeline
+    import indexer.decode as decode
 
     def no_decode(entries, *a, **k):
         assert not entries, "unchanged files must not be read again"
         return iter(())
 
-    monkeypatch.setattr(pipeline, "decode_stream", no_decode)
+    monkeypatch.setattr(decode, "decode_stream", no_decode)
+    monkeypatch.setattr(decode, "decode_entry", lambda *a, **k: pytest.fail("unchanged files must not be read"))
     r = index_paths(store, encoder, [str(lib)], workers=0)
     assert (r.added, r.updated, r.moved, r.removed, r.unchanged) == (0, 0, 0, 0, 8)
 

@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, unsupported_marker  # noqa: E402
+from retrieval.model.export_cache import export_dir, exports_root, unsupported_marker  # noqa: E402
+from retrieval.model.onnx_encoder import OnnxEncoder, export_key  # noqa: E402
 
 TEXTS = ["", "a dog", "a dog running on a beach at sunset with friends", "Café crème, 東京 🐶 &amp; more",
          " ".join(f"word{i}" for i in range(150)), "x"]
@@ -25,20 +26,24 @@ def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(encoder, home: Path) -> Path:
-    """The export the first query of an index made (tests/onnx_fixtures.py)."""
-    return export_dir(home, encoder.fingerprint)
+def exported(encoder, first_query, first_query_cache: Path) -> Path:
+    """The export the first query of an index made, in its own cache (tests/fixtures.py)."""
+    return first_query_cache / "onnx" / export_key(encoder.fingerprint)
 
 
 @pytest.fixture(scope="module")
 def onnx_encoder(encoder, exported: Path) -> OnnxEncoder:
-    enc = OnnxEncoder.open(exported.parent.parent, encoder.fingerprint)
-    assert enc is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CROSSMODAL_CACHE", str(exported.parent.parent))
+        enc = OnnxEncoder.open(None, encoder.fingerprint)
+    assert enc is not None and enc.folder == exported
     return enc
 
 
-def test_layout_and_metadata(encoder, exported: Path) -> None:
-    assert exported == export_dir(exported.parent.parent, encoder.fingerprint)
+def test_layout_and_metadata(encoder, exported: Path, home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CROSSMODAL_CACHE", str(exported.parent.parent))
+    assert exported == export_dir(encoder.fingerprint) and exports_root() == exported.parent
+    assert not (home / "onnx").exists()  # nothing of the export in the home: the cache holds it
     names = {p.name for p in exported.iterdir()}
     assert {"text.onnx", "text.onnx.data", "image.onnx", "image.onnx.data", "export.json", "zero_shot.json",
             "bpe_simple_vocab_16e6.txt.gz"} == names
@@ -46,7 +51,8 @@ def test_layout_and_metadata(encoder, exported: Path) -> None:
     assert meta["fingerprint"] == json.loads(encoder.fingerprint.to_json())
     assert meta["check"]["min_cosine_text"] >= 0.9999 and meta["check"]["min_cosine_image"] >= 0.9999
     assert meta["bytes"]["text.onnx.data"] > 1e6 and meta["tokenizer"]["context_length"] == 77
-    assert not [p for p in export_root(exported.parent.parent).iterdir() if p.name.startswith(".")]
+    assert not [p for p in exports_root().iterdir() if p.name.startswith(".")]
+    assert [p.name for p in exports_root().iterdir()] == [exported.name]  # no lock file or marker left
 
 
 def test_text_embeddings_agree_with_torch(encoder, onnx_encoder) -> None:
@@ -105,7 +111,7 @@ def test_key_changes_with_the_model(encoder) -> None:
     assert export_key(fp) != export_key(replace(fp, model="ViT-B-32"))
 
 
-def test_failed_export_leaves_nothing_and_says_one_line(encoder, tmp_path, monkeypatch) -> None:
+def test_failed_export_leaves_nothing_and_says_one_line(encoder, tmp_path, own_cache, monkeypatch) -> None:
     import torch
 
     import retrieval.model.onnx_export as ox
@@ -121,14 +127,15 @@ def test_failed_export_leaves_nothing_and_says_one_line(encoder, tmp_path, monke
     lines: list[str] = []
     assert ox.ensure_export(encoder, tmp_path, lines.append) is None
     assert len(lines) == 1 and "simulated failure" in lines[0] and "torch" in lines[0]
-    assert not export_dir(tmp_path, encoder.fingerprint).exists()
+    assert not export_dir(encoder.fingerprint).exists() and not (tmp_path / "onnx").exists()
     from retrieval.model.onnx_upkeep import failure_marker
 
-    # no temporary folder left either: only the failure's time, so queries back off (test_hostile_caches.py)
-    assert [p.name for p in export_root(tmp_path).iterdir()] == [failure_marker(tmp_path, encoder.fingerprint).name]
+    # no temporary folder (nor lock file) left either: only the failure's time, so queries back off
+    # (test_hostile_caches.py)
+    assert [p.name for p in exports_root().iterdir()] == [failure_marker(encoder.fingerprint).name]
 
 
-def test_unsupported_model_is_marked_once(encoder, tmp_path, monkeypatch) -> None:
+def test_unsupported_model_is_marked_once(encoder, tmp_path, own_cache, monkeypatch) -> None:
     import retrieval.model.onnx_export as ox
 
     def unsupported(_model):
@@ -138,14 +145,14 @@ def test_unsupported_model_is_marked_once(encoder, tmp_path, monkeypatch) -> Non
     lines: list[str] = []
     assert ox.ensure_export(encoder, tmp_path, lines.append) is None
     assert len(lines) == 1 and "no exportable text tower" in lines[0]
-    assert unsupported_marker(tmp_path, encoder.fingerprint).is_file()
+    assert unsupported_marker(encoder.fingerprint).is_file()
     assert ox.ensure_export(encoder, tmp_path, lines.append) is None and len(lines) == 1
 
 
-def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_path, monkeypatch) -> None:
+def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_path, own_cache, monkeypatch) -> None:
     import retrieval.model.onnx_export as ox
 
-    target = export_dir(tmp_path, encoder.fingerprint)
+    target = export_dir(encoder.fingerprint)
     shutil.copytree(exported, target)
     (target / "image.onnx.data").unlink()  # an incomplete folder is never used
     assert OnnxEncoder.open(tmp_path, encoder.fingerprint) is None
@@ -156,7 +163,7 @@ def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_pat
     assert OnnxEncoder.open(tmp_path, encoder.fingerprint) is None
 
     def export_again(_encoder, home):  # a real export is tested above; this checks the install step
-        tmp = export_root(home) / f".{target.name}.{os.getpid()}.again.tmp"
+        tmp = exports_root() / f".{target.name}.{os.getpid()}.again.tmp"
         shutil.copytree(exported, tmp)
         ox._install(tmp, target, encoder.fingerprint)
         return target
@@ -164,14 +171,14 @@ def test_broken_export_is_ignored_then_replaced(encoder, exported: Path, tmp_pat
     monkeypatch.setattr(ox, "export_onnx", export_again)
     assert ox.ensure_export(encoder, tmp_path) == target
     assert OnnxEncoder.open(tmp_path, encoder.fingerprint) is not None
-    assert [p.name for p in export_root(tmp_path).iterdir()] == [target.name]
+    assert [p.name for p in exports_root().iterdir()] == [target.name]
 
 
 @pytest.mark.subprocess
 def test_folders_of_killed_exporters_are_swept(encoder, tmp_path) -> None:
     import retrieval.model.onnx_export as ox
 
-    root = export_root(tmp_path)
+    root = tmp_path / "onnx"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     stale = root / f".{export_key(encoder.fingerprint)}.{dead}.abc123.tmp"

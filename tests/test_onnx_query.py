@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, unsupported_marker  # noqa: E402
+from retrieval.model.export_cache import export_dir, export_key, unsupported_marker  # noqa: E402
+from retrieval.model.onnx_encoder import OnnxEncoder  # noqa: E402
 from retrieval.model.torch_encoder import TorchEncoder  # noqa: E402
 from retrieval.query.open import open_index  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
@@ -40,11 +41,13 @@ def ids(hits) -> list[int]:
     return [h.id for h in hits]
 
 
-def test_first_query_runs_on_torch_and_exports(first_query, home: Path) -> None:
+def test_first_query_runs_on_torch_and_exports(first_query, first_query_cache: Path, home: Path) -> None:
     searcher, lines = first_query
     assert isinstance(searcher.encoder, TorchEncoder)
     assert len(lines) == 1 and "no ONNX export" in lines[0] and "torch" in lines[0]
-    assert (export_dir(home, searcher.store.fingerprint) / "export.json").is_file()
+    assert (first_query_cache / "onnx" / export_key(searcher.store.fingerprint) / "export.json").is_file()
+    assert (export_dir(searcher.store.fingerprint) / "export.json").is_file()  # the run's cache has it too
+    assert not (home / "onnx").exists()
 
 
 def test_auto_picks_onnx_when_exported(onnx_searcher, torch_searcher) -> None:
@@ -176,10 +179,10 @@ def test_missing_onnxruntime_falls_back_with_one_line(home: Path, onnx_searcher,
         open_index(home, device="cpu", backend="onnx")
 
 
-def test_unsupported_model_stays_on_torch(built_index: Path, tmp_path, encoder) -> None:
+def test_unsupported_model_stays_on_torch(built_index: Path, tmp_path, encoder, own_cache) -> None:
     home = tmp_path / "h"
     shutil.copytree(built_index, home)
-    marker = unsupported_marker(home, encoder.fingerprint)
+    marker = unsupported_marker(encoder.fingerprint)
     marker.parent.mkdir(parents=True)
     marker.write_text("no exportable text tower (test)\n")
     lines: list[str] = []
@@ -187,6 +190,6 @@ def test_unsupported_model_stays_on_torch(built_index: Path, tmp_path, encoder) 
     try:
         assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "no exportable text tower (test)" in lines[0]
-        assert not export_dir(home, encoder.fingerprint).exists()
+        assert not export_dir(encoder.fingerprint).exists() and not (home / "onnx").exists()
     finally:
         s.store.close()

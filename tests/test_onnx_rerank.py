@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from retrieval.media.decode import decode_for_model  # noqa: E402
-from retrieval.model.onnx_encoder import OnnxEncoder, export_dir, export_key, export_root, older_exports  # noqa: E402
+from retrieval.model.export_cache import export_dir, export_key, legacy_root  # noqa: E402
+from retrieval.model.onnx_encoder import OnnxEncoder, older_exports  # noqa: E402
 from retrieval.model.torch_encoder import TorchEncoder  # noqa: E402
 from retrieval.query.open import open_index  # noqa: E402
 from retrieval.rerank.params import load_scorer
@@ -43,7 +44,7 @@ def onnx_encoder(encoder, home: Path) -> OnnxEncoder:
 
 # ---- token features -------------------------------------------------------------------------------
 def test_export_has_checked_token_outputs(encoder, home: Path) -> None:
-    meta = json.loads((export_dir(home, encoder.fingerprint) / "export.json").read_text())
+    meta = json.loads((export_dir(encoder.fingerprint) / "export.json").read_text())
     assert meta["version"] == 2 and meta["tokens"] == {"supported": True, "output": "token_features",
                                                        "reason": None}
     assert meta["check"]["min_cosine_text_tokens"] >= 0.9999
@@ -206,26 +207,27 @@ def test_importtime_shows_no_torch(home: Path) -> None:
 
 # ---- fallbacks --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_older_export_is_replaced_with_one_line_and_equal_results(home: Path, tmp_path, encoder) -> None:
-    """A version-1 export (no token outputs) is never read: the first query says so, runs on torch, and
-    re-exports; the old folder goes."""
+def test_older_export_is_replaced_with_one_line_and_equal_results(home: Path, tmp_path, encoder, first_export,
+                                                                  own_cache) -> None:
+    """A version-1 export (no token outputs; version 1 exported into the home) is never read: the first query
+    says so, runs on torch, and re-exports (into the shared cache); the old folder goes."""
     copy = tmp_path / "h"
     shutil.copytree(home, copy)
     fp = encoder.fingerprint
-    shutil.rmtree(export_root(copy))
-    old = export_root(copy) / export_key(fp, 1)
-    shutil.copytree(export_dir(home, fp), old)
+    old = legacy_root(copy) / export_key(fp, 1)
+    shutil.copytree(first_export, old)
     meta = json.loads((old / "export.json").read_text())
     meta["version"] = 1
     del meta["tokens"]
     (old / "export.json").write_text(json.dumps(meta))
-    assert older_exports(copy, fp) == [old]
+    assert older_exports(fp, copy) == [old]
     lines: list[str] = []
     s = open_index(copy, device="cpu", notify=lines.append)
     try:
         assert isinstance(s.encoder, TorchEncoder)
         assert len(lines) == 1 and "older" in lines[0] and "torch" in lines[0] and "re-export" in lines[0]
         assert not old.exists() and OnnxEncoder.open(copy, fp).has_tokens
+        assert OnnxEncoder.open(copy, fp).folder == export_dir(fp) and export_dir(fp).parent.parent == own_cache
         _, first = _reranked(s, text=QUERIES[0])
     finally:
         s.store.close()
@@ -258,11 +260,12 @@ def test_missing_onnxruntime_reranks_on_torch_with_one_line(home: Path, monkeypa
 
 
 @pytest.mark.subprocess
-def test_export_without_token_outputs_reranks_like_an_unsupported_model(home: Path, tmp_path, encoder) -> None:
+def test_export_without_token_outputs_reranks_like_an_unsupported_model(home: Path, tmp_path, encoder,
+                                                                        linked_cache) -> None:
     """An export whose model has no token features says why; the CLI shows dense results with one note."""
     copy = tmp_path / "h"
     shutil.copytree(home, copy)
-    meta_path = export_dir(copy, encoder.fingerprint) / "export.json"
+    meta_path = export_dir(encoder.fingerprint) / "export.json"  # a copy in this test's cache (linked_cache)
     meta = json.loads(meta_path.read_text())
     meta["tokens"] = {"supported": False, "output": None, "reason": "reranking needs a ViT image tower (test)"}
     meta_path.write_text(json.dumps(meta))

@@ -1,7 +1,9 @@
 """The query-time encoder on ONNX Runtime: no torch, torchvision or open_clip on this path.
 
-An index home keeps an ONNX export of its model's two towers (written by `onnx_export`, which needs torch)
-under HOME/onnx/<key>/, <key> derived from the model fingerprint, so a new model never reads a stale export:
+The export of a model's two towers (written by `onnx_export`, which needs torch) lives in the per-user export
+cache that every index home shares (model/export_cache.py: <cache>/onnx/<key>/, <key> derived from the model
+fingerprint, so a new model never reads a stale export); homes of earlier versions may hold one under
+HOME/onnx/<key>/, read when the cache has none (`find_export`):
 
   text.onnx   token ids (batch, n) -> text embedding, and per-token features (batch, n, d) for the
               reranker; n is dynamic, so a query runs only up to its length
@@ -26,7 +28,6 @@ answers on torch through `OnnxEncoder.fallback` while it is made again.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -37,10 +38,12 @@ import numpy as np
 
 from retrieval.errors import ExportDamaged
 from retrieval.media.decode import Preprocess
+from retrieval.model.export_cache import EXPORT_VERSION as EXPORT_VERSION  # the key scheme lives with the layout
+from retrieval.model.export_cache import export_dir, exports_root, legacy_dir
+from retrieval.model.export_cache import export_key as export_key
 from retrieval.model.protocol import Encoder, unit_rows
 from retrieval.model.spec import Fingerprint
 
-EXPORT_VERSION = 2  # 2: token-feature outputs for the reranker
 EXPORT_META = "export.json"
 TEXT_FILE = "text.onnx"
 IMAGE_FILE = "image.onnx"
@@ -48,28 +51,26 @@ ZERO_SHOT_FILE = "zero_shot.json"
 TOKENS_OUT = "token_features"  # the graphs' second output (the text graph's input is already "tokens")
 
 
-def export_key(fp: Fingerprint, version: int = EXPORT_VERSION) -> str:
-    """Folder name for one model's export (the same fingerprint fields the store compares)."""
-    return hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|onnx-v{version}".encode()).hexdigest()[:16]
+def older_exports(fp: Fingerprint, home: str | Path | None = None) -> list[Path]:
+    """Exports of this model made by an older EXPORT_VERSION (they lack outputs this version reads), in the
+    cache or, from earlier versions, in `home`."""
+    roots = [exports_root()] + ([legacy_dir(home, fp).parent] if home is not None else [])
+    return [p for root in roots for v in range(1, EXPORT_VERSION) if (p := root / export_key(fp, v)).is_dir()]
 
 
-def export_root(home: str | Path) -> Path:
-    return Path(home) / "onnx"
+def export_candidates(fp: Fingerprint, home: str | Path | None = None) -> list[Path]:
+    """Where an export of model `fp` may be, in the order it is looked for: the shared cache, then `home`'s
+    own folder from an earlier version (export_cache explains why that one is read in place, not moved)."""
+    return [export_dir(fp)] + ([legacy_dir(home, fp)] if home is not None else [])
 
 
-def export_dir(home: str | Path, fp: Fingerprint) -> Path:
-    return export_root(home) / export_key(fp)
-
-
-def older_exports(home: str | Path, fp: Fingerprint) -> list[Path]:
-    """Exports of this model made by an older EXPORT_VERSION (they lack outputs this version reads)."""
-    root = export_root(home)
-    return [p for v in range(1, EXPORT_VERSION) if (p := root / export_key(fp, v)).is_dir()]
-
-
-def unsupported_marker(home: str | Path, fp: Fingerprint) -> Path:
-    """Written instead of an export when a model's towers cannot be exported; holds the reason."""
-    return export_root(home) / f"{export_key(fp)}.unsupported"
+def find_export(fp: Fingerprint, home: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, metadata) of the first usable export of model `fp` (`export_candidates`), or None."""
+    for folder in export_candidates(fp, home):
+        meta = read_export_meta(folder, fp)
+        if meta is not None:
+            return folder, meta
+    return None
 
 
 def read_export_meta(folder: Path, fp: Fingerprint) -> dict[str, Any] | None:
@@ -119,11 +120,8 @@ def _same_runtime(meta: dict[str, Any]) -> bool:
     return bool(str(meta.get("onnxruntime", "")).split(".")[:2] == onnxruntime.__version__.split(".")[:2])
 
 
-def export_bytes(home: str | Path, fp: Fingerprint) -> int | None:
-    """Disk used by the export of model `fp` in `home` (None: there is none)."""
-    folder = export_dir(home, fp)
-    if not folder.is_dir():
-        return None
+def folder_bytes(folder: Path) -> int:
+    """Disk used by the files of an export folder."""
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
@@ -200,11 +198,11 @@ class OnnxEncoder(Encoder):
         self.instead: Encoder | None = None
 
     @classmethod
-    def open(cls, home: str | Path, fp: Fingerprint) -> OnnxEncoder | None:
-        """The export of model `fp` in `home`, or None when there is no complete one."""
-        folder = export_dir(home, fp)
-        meta = read_export_meta(folder, fp)
-        return cls(folder, fp, meta) if meta is not None else None
+    def open(cls, home: str | Path | None, fp: Fingerprint) -> OnnxEncoder | None:
+        """The export of model `fp` (the shared cache's, else one `home` holds from an earlier version), or
+        None when there is no complete one."""
+        found = find_export(fp, home)
+        return cls(found[0], fp, found[1]) if found is not None else None
 
     def _session(self, name: str) -> Any:
         s = self._sessions.get(name)

@@ -1,8 +1,9 @@
 """Export an index's model to ONNX (text and image towers, fp32, CPU) so queries can skip torch.
 
-Needs torch and open_clip (index time, or the first query of an index that has no export yet). The export
-is written to a temporary folder, checked against torch, then renamed into place, so readers see either no
-export or a complete one. Layout and reader: `onnx_encoder`.
+Needs torch and open_clip (index time, or the first query of a model that has no export yet). The export
+goes to the per-user cache every home shares (export_cache), under a lock per model so that two processes
+never both make it: it is written to a temporary folder there, checked against torch, then renamed into
+place, so readers see either no export or a complete one. Layout and reader: `onnx_encoder`.
 
 The text graph takes token ids with a dynamic sequence axis and computes exactly `encode_text_trimmed`:
 a causal, argmax-pooled tower whose end-of-text output never sees the padding, so callers feed only up to
@@ -30,9 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ExportUnsupported, TokensUnsupported
+from retrieval.errors import ExportBusy, ExportUnsupported, TokensUnsupported
 from retrieval.fsutil import fsync_dir, fsync_tree, is_disk_full
 from retrieval.model.bpe import BPE_FILE
+from retrieval.model.export_cache import (
+    EXPORT_WAIT_S,
+    export_dir,
+    export_lock,
+    exports_root,
+    unsupported_marker,
+    write_problem,
+)
 from retrieval.model.onnx_encoder import (
     EXPORT_META,
     EXPORT_VERSION,
@@ -41,12 +50,10 @@ from retrieval.model.onnx_encoder import (
     TOKENS_OUT,
     ZERO_SHOT_FILE,
     OnnxEncoder,
-    export_dir,
-    export_root,
+    find_export,
     older_exports,
     onnxruntime_problem,
     read_export_meta,
-    unsupported_marker,
 )
 from retrieval.model.onnx_graphs import (
     check_exportable,
@@ -109,12 +116,13 @@ def _token_support(model: Any) -> str | None:
     return None
 
 
-def export_onnx(encoder: Any, home: str | Path) -> Path:
-    """Write and check the export of `encoder`'s model under `home`; returns its folder.
+def export_onnx(encoder: Any, home: str | Path | None = None) -> Path:
+    """Write and check the export of `encoder`'s model in the shared cache; returns its folder. Callers hold
+    export_cache.export_lock (ensure_export does).
 
     Raises ExportUnsupported for models this exporter does not handle, anything else on failure; in every
     failure case nothing is left behind but the previous state. A complete export replaces (removes) the
-    model's exports of older EXPORT_VERSIONs.
+    model's exports of older EXPORT_VERSIONs, in the cache and in `home` (earlier versions exported there).
     """
     import open_clip
     import torch
@@ -127,8 +135,8 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
     with_tokens = no_tokens is None
     names = ["embedding", TOKENS_OUT] if with_tokens else ["embedding"]
     zero_shot = _zero_shot_json()
-    final = export_dir(home, fp)
-    root = export_root(home)
+    final = export_dir(fp)
+    root = exports_root()
     root.mkdir(parents=True, exist_ok=True)
     _sweep(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=root))
@@ -182,7 +190,7 @@ def export_onnx(encoder: Any, home: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in older_exports(home, fp):  # superseded (queries that have them open keep their mmaps)
+    for old in older_exports(fp, home):  # superseded (queries that have them open keep their mmaps)
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -269,32 +277,43 @@ def _sweep(root: Path) -> None:
     sweep_exports(root)
 
 
-def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] | None = None,
-                  on_start: Callable[[], None] | None = None) -> Path | None:
-    """The export for `encoder`'s model in `home`, made now if missing; None (and one line) if it cannot be.
+def ensure_export(encoder: Any, home: str | Path | None = None, notify: Callable[[str], None] | None = None,
+                  on_start: Callable[[], None] | None = None, wait_s: float = EXPORT_WAIT_S,
+                  on_wait: Callable[[str], None] | None = None) -> Path | None:
+    """The export for `encoder`'s model (the shared cache's, else one `home` holds from an earlier version),
+    made now if there is none; None (and one line through `notify`) if it cannot be.
 
     Never raises (but for interrupts): a failed export costs fast queries, never an index run or a query.
-    `on_start` is called only when an export actually starts. A failure is recorded (onnx_upkeep) so that
-    queries back off for a while; this function itself always tries (`crossmodal index` retries).
+    The export is made under the model's lock: when another process holds it, `on_wait` hears so once and
+    this waits up to `wait_s` seconds (0: not at all) for that process's export, then uses it. `on_start` is
+    called only when an export actually starts. An unwritable cache is said once; the exports it holds are
+    still read. A failure is recorded (onnx_upkeep) so that queries back off for a while; this function
+    itself always tries (`crossmodal index` retries).
     """
     say = notify or (lambda _msg: None)
     fp = encoder.fingerprint
-    folder = export_dir(home, fp)
-    if read_export_meta(folder, fp) is not None:
-        return folder
-    marker = unsupported_marker(home, fp)
+    found = find_export(fp, home)
+    if found is not None:
+        return found[0]
+    marker = unsupported_marker(fp)
     if marker.is_file():
         return None
-    problem = onnxruntime_problem()
+    problem = onnxruntime_problem() or write_problem()
     if problem:
         say(f"{problem}; queries will use torch (slower start)")
         return None
     try:
-        if on_start is not None:
-            on_start()
-        made = export_onnx(encoder, home)
-        clear_failure(home, fp)
+        with export_lock(fp, wait_s, on_wait):
+            found = find_export(fp, home)  # made by the process this one waited for
+            if found is not None:
+                return found[0]
+            if on_start is not None:
+                on_start()
+            made = export_onnx(encoder, home)
+        clear_failure(fp)
         return made
+    except ExportBusy as e:
+        say(f"{e}; queries will use its export once it is done (torch until then)")
     except ExportUnsupported as e:
         say(f"{fp.model} cannot be exported to ONNX ({e}); queries will use torch")
         with contextlib.suppress(OSError):
@@ -302,7 +321,7 @@ def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] 
             marker.write_text(str(e) + "\n")
     except Exception as e:  # noqa: BLE001 - a failed export must never fail the command that asked for it
         if is_disk_full(e):
-            where = getattr(e, "filename", None) or export_root(home)
+            where = getattr(e, "filename", None) or exports_root()
             what = f"disk full writing {where}"
             say(f"ONNX export failed: {what}; nothing of it was kept and the index is unchanged (the export is "
                 f"a cache); queries will use torch, and try again in an hour or after `crossmodal index`")
@@ -310,5 +329,5 @@ def ensure_export(encoder: Any, home: str | Path, notify: Callable[[str], None] 
             what = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             say(f"ONNX export failed ({what}); queries will use torch, and try again in an hour or after "
                 f"`crossmodal index`")
-        record_failure(home, fp, what)
+        record_failure(fp, what)
     return None

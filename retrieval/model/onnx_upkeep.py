@@ -4,9 +4,10 @@ exports backed off.
 Why: an export is ~600 MB made in tens of seconds. A damaged one must not block queries (`drop_export`, and
 the query path answers on torch while it is made again); a killed exporter's temporary folder must not stay
 for good (`sweep_exports`, run by the next export and by `crossmodal info`); and a failed export (a full
-disk) must not be retried by every query: `record_failure` writes HOME/onnx/<key>.failed with the time and
-the library versions, and `export_backoff` keeps queries on torch for BACKOFF_S after it, unless a version
-changed. `crossmodal index` (ensure_export) always tries again; a success clears the marker.
+disk) must not be retried by every query: `record_failure` writes <key>.failed beside the exports in the
+shared cache (export_cache) with the time and the library versions, and `export_backoff` keeps queries on
+torch for BACKOFF_S after it, unless a version changed. `crossmodal index` (ensure_export) always tries
+again; a success clears the marker.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.fsutil import atomic_write, pid_alive
-from retrieval.model.onnx_encoder import EXPORT_VERSION, export_key, export_root
+from retrieval.model.export_cache import EXPORT_VERSION
+from retrieval.model.export_cache import failure_marker as failure_marker
 from retrieval.model.spec import Fingerprint
 
 BACKOFF_S = 3600
@@ -28,7 +30,7 @@ BACKOFF_S = 3600
 
 def drop_export(folder: Path) -> bool:
     """Move a damaged export aside and remove it (a cache: made again from the model); False when it cannot be
-    moved (a read-only home). Sessions that have it open keep their memory maps."""
+    moved (a read-only cache or home). Sessions that have it open keep their memory maps."""
     aside = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
     try:
         os.replace(folder, aside)
@@ -58,7 +60,7 @@ def _tree_bytes(path: Path) -> int:
 
 def sweep_exports(root: Path, remove: bool = True) -> list[Leftover]:
     """Folders `.<key>.<pid>.*.tmp` / `.<key>.<pid>.old` of exporters that died (killed mid-export: their pid
-    is gone), removed when `remove` and the home allows it. A live process's folders are never touched."""
+    is gone), removed when `remove` and the folder allows it. A live process's folders are never touched."""
     found: list[Leftover] = []
     for p in sorted(root.glob(".*.*.*")) if root.is_dir() else []:
         parts = p.name.split(".")
@@ -77,13 +79,6 @@ def sweep_exports(root: Path, remove: bool = True) -> list[Leftover]:
     return found
 
 
-
-
-def failure_marker(home: str | Path, fp: Fingerprint) -> Path:
-    """Where the last failed export of model `fp` is recorded (time, error, versions)."""
-    return export_root(home) / f"{export_key(fp)}.failed"
-
-
 def _versions() -> dict[str, str]:
     """What an export depends on besides the model (its key): a change here deserves a new try."""
     import onnxruntime
@@ -94,10 +89,10 @@ def _versions() -> dict[str, str]:
             "torch": str(torch.__version__), "open_clip": str(open_clip.__version__)}
 
 
-def record_failure(home: str | Path, fp: Fingerprint, error: str) -> None:
+def record_failure(fp: Fingerprint, error: str) -> None:
     """Remember a failed export so queries do not retry it at once (best effort: a full disk may refuse it)."""
     try:
-        marker = failure_marker(home, fp)
+        marker = failure_marker(fp)
         marker.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": time.time(), "error": error, "versions": _versions()}
         atomic_write(marker, json.dumps(record).encode(), durable=False)
@@ -105,17 +100,17 @@ def record_failure(home: str | Path, fp: Fingerprint, error: str) -> None:
         pass
 
 
-def clear_failure(home: str | Path, fp: Fingerprint) -> None:
+def clear_failure(fp: Fingerprint) -> None:
     try:
-        failure_marker(home, fp).unlink(missing_ok=True)
+        failure_marker(fp).unlink(missing_ok=True)
     except OSError:
         pass
 
 
-def export_backoff(home: str | Path, fp: Fingerprint) -> str | None:
+def export_backoff(fp: Fingerprint) -> str | None:
     """Why a query should not export now (a failure less than BACKOFF_S ago, same versions), or None."""
     try:
-        record = json.loads(failure_marker(home, fp).read_text())
+        record = json.loads(failure_marker(fp).read_text())
         age = time.time() - float(record["time"])
         if not 0 <= age < BACKOFF_S or record.get("versions") != _versions():
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ from retrieval.model.torch_encoder import TorchEncoder, load_encoder
 from retrieval.model.weights import file_sha256
 
 PREPROCESS_KEY = "preprocess"  # the meta entry holding the model's input geometry and normalisation
+IMAGE_PRECISION_KEY = "image_precision"  # the precisions (fp32, bf16, fp16, int8) that embedded its images
 
 
 class ModelRecord(Protocol):
@@ -143,9 +145,27 @@ def record_model(store: WritableRecord, encoder: Encoder) -> None:
         store.set_meta(PREPROCESS_KEY, pre)
 
 
+def record_image_precision(store: WritableRecord, precision: str) -> None:
+    """Add `precision` to those that embedded the index's images (same model, so the fingerprint stays; int8
+    vectors differ from fp32 ones by ~1e-4 in cosine, and a relevance check may want to know)."""
+    have = image_precisions(store)
+    if precision not in have:
+        store.set_meta(IMAGE_PRECISION_KEY, json.dumps(have + [precision]))
+
+
+def image_precisions(record: ModelRecord) -> list[str]:
+    """The precisions that embedded the index's images, first used first ([]: none recorded, an older index)."""
+    try:
+        got = json.loads(record.get_meta(IMAGE_PRECISION_KEY) or "[]")
+    except ValueError:
+        return []
+    return [str(p) for p in got] if isinstance(got, list) else []
+
+
 def recorded_preprocess(record: ModelRecord) -> Preprocess | None:
     """The recorded model's input geometry without loading it: from the catalog (recorded since this
-    version), else from the index's ONNX export of the model; None when neither has it."""
+    version), else from the model's ONNX export (the shared cache's, or the home's from an earlier version);
+    None when neither has it."""
     raw = record.get_meta(PREPROCESS_KEY)
     if raw:
         try:
@@ -154,22 +174,25 @@ def recorded_preprocess(record: ModelRecord) -> Preprocess | None:
             return None
     if record.fingerprint is None:
         return None
-    from retrieval.model.onnx_encoder import export_dir, read_export_meta
+    from retrieval.model.onnx_encoder import find_export
 
-    meta = read_export_meta(export_dir(record.home, record.fingerprint), record.fingerprint)
-    return Preprocess.from_json(meta["preprocess"]) if meta is not None else None
+    found = find_export(record.fingerprint, record.home)
+    return Preprocess.from_json(found[1]["preprocess"]) if found is not None else None
 
 
 class ModelOnDemand:
     """The index's model, loaded when a first image actually needs embedding; what decoding needs before
     that (preprocessing, the device it will run on) comes from the index's record, so a run with nothing
-    to embed, or whose only new files fail to decode, never loads a model."""
+    to embed never loads a model. `prefetch` starts loading in a background thread, so that the first
+    images decode while the weights load."""
 
     def __init__(self, load: Callable[[], Encoder], preprocess: Preprocess, device: str = "auto") -> None:
         self._load = load
         self.preprocess = preprocess
         self._device = device
         self._model: Encoder | None = None
+        self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     @property
     def loaded(self) -> bool:
@@ -180,6 +203,11 @@ class ModelOnDemand:
         return self._model
 
     @property
+    def loading(self) -> bool:
+        """Whether a `prefetch` is still loading the weights."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def device(self) -> str:
         """Where the model runs (resolving "auto" imports torch, never the model)."""
         if self._model is not None:
@@ -187,12 +215,34 @@ class ModelOnDemand:
         self._device = resolve_device(self._device)
         return self._device
 
+    def prefetch(self) -> None:
+        """Start loading the model in a background thread (once); `__call__` waits for it."""
+        if self._model is None and self._thread is None:
+            self._thread = threading.Thread(target=self._load_in_background, name="crossmodal-model-load",
+                                            daemon=True)
+            self._thread.start()
+
+    def _load_in_background(self) -> None:
+        try:
+            self._accept(self._load())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by __call__
+            self._failed = e
+
+    def _accept(self, model: Encoder) -> None:
+        if model.preprocess != self.preprocess:  # the record is from this model: never expected
+            raise ModelMismatch(f"{model.fingerprint.describe()} preprocesses images differently from what this "
+                                f"index recorded; index into a new --home")
+        self._model = model
+
     def __call__(self) -> Encoder:
-        """The model, loaded on the first call."""
+        """The model, loaded on the first call (or waited for, after `prefetch`)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._failed is not None:
+                failed, self._failed = self._failed, None
+                raise failed
         if self._model is None:
-            model = self._load()
-            if model.preprocess != self.preprocess:  # the record is from this model: never expected
-                raise ModelMismatch(f"{model.fingerprint.describe()} preprocesses images differently from what "
-                                    f"this index recorded; index into a new --home")
-            self._model = model
+            self._accept(self._load())
+        assert self._model is not None
         return self._model

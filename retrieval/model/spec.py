@@ -82,6 +82,9 @@ def resolve_precision(precision: str, device: str, purpose: str = "index") -> st
     """auto -> fp16 on CUDA; on the CPU bf16 for indexing where bf16 is fast, fp32 for queries and elsewhere."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if precision == "int8":
+        raise UserError("--precision int8 is only for `crossmodal index` (its images on an int8 ONNX Runtime "
+                        "graph); this command runs the model in fp32, bf16 or fp16")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if precision != "auto":

@@ -260,8 +260,10 @@ def load_encoder(spec: ModelSpec, checkpoint_sha: str | None = None, purpose: st
     model.eval()
     if precision in ("bf16", "fp16"):
         model = with_weights(model, torch.bfloat16 if precision == "bf16" else torch.float16)
-    with torch.inference_mode():
-        dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+    dim = _embed_dim(model)
+    if dim is None:  # a model that does not say: one text through it tells
+        with torch.inference_mode():
+            dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
     return TorchEncoder(model, tokenizer, pre, device, precision, fingerprint_for(spec, dim, checkpoint_sha))
 
 
@@ -272,3 +274,14 @@ def _weight_dtype(model: Any) -> Any:
 def with_weights(model: Any, dtype: Any) -> Any:
     """The model with its weights (and floating buffers, e.g. the causal attention mask) in `dtype`."""
     return model.to(dtype)
+
+
+def _embed_dim(model: Any) -> int | None:
+    """The joint embedding width as the model declares it (the text projection's output), without running
+    it: a first call costs seconds in bf16 (kernels are prepared on first use)."""
+    proj = getattr(model, "text_projection", None)
+    out = getattr(proj, "out_features", None)  # an nn.Linear projection
+    if out is not None:
+        return int(out)
+    shape = getattr(proj, "shape", None)  # a (width, dim) parameter
+    return int(shape[-1]) if shape is not None and len(shape) == 2 else None

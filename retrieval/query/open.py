@@ -1,9 +1,11 @@
 """Open an index for querying: the one function the CLI, the page and any API use (`open_index`).
 
 It opens the store read-only and picks the encoder that answers its queries:
-ONNX Runtime (no torch import, ~1 s processes) when the index has an export of its model and the query runs
-on the CPU in fp32 (queries on the CPU always do unless --precision says otherwise), else the recorded model
-on torch. A missing export is made on that first query (which torch answers), so the next one is fast.
+ONNX Runtime (no torch import, ~1 s processes) when there is an export of its model (in the per-user cache
+every home shares, or in the home from an earlier version: model/export_cache.py) and the query runs on the
+CPU in fp32 (queries on the CPU always do unless --precision says otherwise), else the recorded model on
+torch. A missing export is made on that first query (which torch answers), so the next one is fast, unless
+another process is making it right now or the cache cannot be written (the line says which).
 A damaged export (files cut short, or one ONNX Runtime cannot load at first use) is removed and made again
 the same way; after a failed export, queries stay on torch for a while (onnx_upkeep.export_backoff) rather
 than retry a long export each time. Every fallback says why in one line through `notify`.
@@ -16,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.errors import IndexMissing, UserError
+from retrieval.model.export_cache import export_busy, unsupported_marker, write_problem
 from retrieval.model.onnx_encoder import (
     OnnxEncoder,
-    export_dir,
+    export_candidates,
     inspect_export,
     older_exports,
     onnxruntime_problem,
-    unsupported_marker,
 )
 from retrieval.model.onnx_upkeep import drop_export
 from retrieval.model.protocol import Encoder
@@ -70,7 +72,7 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
             if enc is not None:
                 return _with_fallback(enc, store.home, model, pretrained, device, precision, say)
             damaged = _drop_if_damaged(store.home, fp)
-            marker = unsupported_marker(store.home, fp)
+            marker = unsupported_marker(fp)
             if marker.is_file():
                 reason = f"{fp.model} has no ONNX export ({_first_line(marker)})"
         if reason and backend == "onnx":
@@ -89,32 +91,40 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
 
 
 def _drop_if_damaged(home: Path, fp: Fingerprint) -> str | None:
-    """What is wrong with the model's export if it is damaged (and whether it could be removed), else None."""
-    folder = export_dir(home, fp)
-    problem = inspect_export(folder, fp)[1]
-    if problem is None:
-        return None
-    return f"{problem}; {'removed' if drop_export(folder) else 'it cannot be removed (read-only home?)'}"
+    """What is wrong with the model's export if it is damaged (and whether it could be removed), else None:
+    the cache's, else, when the cache has none, the one the home holds from an earlier version."""
+    for folder in export_candidates(fp, home):
+        problem = inspect_export(folder, fp)[1]
+        if problem is not None:
+            return f"{problem}; {_drop(folder)}"
+        if folder.exists():
+            return None
+    return None
+
+
+def _drop(folder: Path) -> str:
+    return "removed" if drop_export(folder) else "it cannot be removed (read-only cache or home?)"
 
 
 def _export_on_torch(encoder: Encoder, home: Path, fp: Fingerprint, say: Notify,
                      damaged: str | None = None) -> Path | None:
     """Say in one line why this query runs on torch, and export for the next queries unless an export failed
-    a short while ago (then say when it is tried again)."""
+    a short while ago (then say when it is tried again), the cache cannot be written, or another process is
+    exporting this model right now (the line says which; the query does not wait)."""
     from retrieval.model.onnx_export import ensure_export
     from retrieval.model.onnx_upkeep import export_backoff
 
-    older = older_exports(home, fp)
+    older = older_exports(fp, home)
     what = (f"the ONNX export of this index's model was damaged ({damaged})" if damaged
             else "the ONNX export of this index's model is from an older crossmodal (no token outputs for "
                  "reranking)" if older else "no ONNX export of this index's model yet")
-    wait = export_backoff(home, fp)
+    wait = export_backoff(fp) or write_problem() or export_busy(fp)
     if wait:
         say(f"{what}: this query runs on torch; {wait}")
         return None
     say(f"{what}: this query runs on torch while it is {'re-exported' if older else 'exported'} (once)"
         + ("" if older else " for fast queries"))
-    return ensure_export(encoder, home, say)
+    return ensure_export(encoder, home, say, wait_s=0)  # a query answers on torch rather than wait
 
 
 def _with_fallback(enc: OnnxEncoder, home: Path, model: str | None, pretrained: str | None, device: str,
@@ -124,7 +134,7 @@ def _with_fallback(enc: OnnxEncoder, home: Path, model: str | None, pretrained: 
     removed and made again."""
 
     def on_torch(why: str) -> Encoder:
-        gone = "removed" if drop_export(enc.folder) else "it cannot be removed (read-only home?)"
+        gone = _drop(enc.folder)
         with Store.open(home) as store:
             encoder = open_model(store, model, pretrained, device, precision, purpose="query")
         _export_on_torch(encoder, home, enc.fingerprint, say, f"{why}; {gone}")

@@ -10,7 +10,6 @@ re-embeds those images from their files. Only repair calls this, holding the wri
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -84,17 +83,20 @@ def _meta(db: sqlite3.Connection) -> dict[str, str]:
 
 
 def _model(meta: dict[str, str], home: Path) -> tuple[Fingerprint | None, str | None]:
-    """The index's model: the catalog's record, else the one model an ONNX export in the home names."""
+    """The index's model: the catalog's record, else the one model an ONNX export in the home names (earlier
+    versions exported there), else the one model of the shared export cache whose token features this home
+    holds (tokens/<key>/ is per model: the cache alone would name every home's models)."""
     try:
         return Fingerprint.from_json(meta["model"]), None
     except (KeyError, ValueError, TypeError):
         pass
-    found = set()
-    for p in (home / "onnx").glob("*/export.json"):
-        try:
-            found.add(Fingerprint.from_json(json.dumps(json.loads(p.read_text())["fingerprint"])))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    from retrieval.model.export_cache import exports_root, fingerprints_under, legacy_root
+
+    found = set(fingerprints_under(legacy_root(home)))
+    if not found:
+        from retrieval.rerank.token_cache import cache_dir
+
+        found = {fp for fp in fingerprints_under(exports_root()) if cache_dir(home, fp).parent.is_dir()}
     if len(found) == 1:
         fp = found.pop()
         return fp, f"the model record was lost; recovered from the ONNX export ({fp.describe()})"

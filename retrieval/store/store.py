@@ -141,9 +141,13 @@ class Store(StoreReads, StoreRepair):
     def _prepare_schema(self) -> None:
         """Make the tables (writers), refuse a newer schema, migrate an older one; then open the reader.
 
-        A read-only store checks the version through its reader; only an older catalog, which it migrates
-        under the writer lock, needs SQLAlchemy.
+        The version is checked through the reader, writers' too when the catalog exists: a current catalog
+        needs no SQLAlchemy until something is written (an unchanged `index` re-run writes nothing, and
+        importing SQLAlchemy was a third of its time). Only a new or older catalog needs it here.
         """
+        catalog = self.home / CATALOG
+        if self._reader is None and catalog.is_file() and catalog.stat().st_size > 0:
+            self._reader = SqliteReader(catalog)
         if self._reader is not None:
             try:
                 found = self._reader.schema_version() if self._reader.has_catalog() else None
@@ -152,9 +156,9 @@ class Store(StoreReads, StoreRepair):
                     raise
                 raise IndexMismatch(f"catalog {self.home / CATALOG} is unreadable ({e}): not a crossmodal "
                                     f"catalog, or damaged; {guards.REPAIR}") from e
-            if found is None:
+            if found is None and not self.writable:
                 raise guards.lost_catalog(self.home) or no_catalog(self.home)
-            if found > SCHEMA_VERSION:
+            if found is not None and found > SCHEMA_VERSION:
                 raise schema_too_new(self.home, found)
             if found == SCHEMA_VERSION:
                 return

@@ -89,6 +89,7 @@ def index(
     from retrieval.model.recorded import (
         ModelOnDemand,
         open_model,
+        predicted_preprocess,
         record_model,
         recorded_preprocess,
         requested_spec,
@@ -104,8 +105,14 @@ def index(
     if int8 and device not in ("auto", "cpu"):
         raise UserError("--precision int8 runs the image tower on the CPU (ONNX Runtime); drop --device")
 
+    dev, prec = ("cpu", "auto") if int8 else (device, precision)
+
     def load() -> Encoder:
-        enc: Encoder = open_model(store, model, pretrained, "cpu" if int8 else device, "auto" if int8 else precision)
+        """Load the model (a background thread may run this: it records nothing)."""
+        return open_model(store, model, pretrained, dev, prec)
+
+    def ready(enc: Encoder) -> Encoder:
+        """Record the loaded model in the index and say which it is (in the thread that embeds)."""
         record_model(store, enc)
         if int8:
             from retrieval.model.onnx_quant import Int8ImageEncoder
@@ -119,20 +126,25 @@ def index(
         requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
         pre = recorded_preprocess(store) if store.fingerprint is not None else None
         # An index that knows its model's preprocessing loads the model only when an image needs embedding:
-        # an unchanged re-run never does. A new index loads it now and records it.
-        source: Encoder | ModelOnDemand = load() if pre is None else ModelOnDemand(load, pre, "cpu" if int8 else device)
+        # an unchanged re-run never does. A new index whose model the shared export cache knows guesses it
+        # from there, so its first photos decode while the model loads; any other new index loads it now.
+        plain = reranker is None and index_type is None and memory_budget is None  # those need the model first
+        guess = predicted_preprocess(model, pretrained) if pre is None and store.fingerprint is None and plain \
+            else None
+        source: Encoder | ModelOnDemand = (
+            ModelOnDemand(load, pre, dev, ready) if pre is not None
+            else ModelOnDemand(load, guess, dev, ready, guessed=True) if guess is not None
+            else ready(load()))
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 
             problem = gpu_decode_problem(source.device)
             if problem:
                 raise UserError(f"--gpu-decode: {problem}")
-        fp = store.fingerprint if isinstance(source, ModelOnDemand) else source.fingerprint
-        if fp is None:  # a recorded preprocessing implies a recorded model
-            raise UserError(f"the index in {store.home} records no model; index into a new --home")
-        # Tuning may embed the vocabulary with the model in memory; nothing loads it for tuning alone.
-        store.tune_with(vocabulary_queries(store.home, fp, source.if_loaded if isinstance(source, ModelOnDemand)
-                                           else lambda: source))
+        # Tuning may embed the vocabulary with the model in memory; nothing loads it for tuning alone. It runs
+        # at commits, after the first embedded batch has recorded a new index's model.
+        store.tune_with(vocabulary_queries(store.home, lambda: store.fingerprint,
+                                           source.if_loaded if isinstance(source, ModelOnDemand) else lambda: source))
         if reranker is not None:
             from retrieval.rerank.params import record_reranker
 
@@ -149,7 +161,12 @@ def index(
         if index_type is not None or memory_budget is not None:  # a switch with no new images builds now
             store.set_index_type(store.ann_state["image"].requested, store.ann_state["image"].budget,
                                  log=None if quiet or json_out else err)
+        if store.fingerprint is None and isinstance(source, ModelOnDemand):
+            source()  # a new index with nothing embedded still records its model
+        fp = store.fingerprint
         total = store.count("image")
+    if fp is None:  # a recorded preprocessing implies a recorded model
+        raise UserError(f"the index in {home()} records no model; index into a new --home")
     for root, n in report.kept:
         err(f"warning: {root} has no image files now; its {n} indexed images were kept "
             f"(unmounted drive?). `crossmodal remove {root}` drops them.")

@@ -237,6 +237,10 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
             ready.append((encoder, token_cache.writer_for(store.home, encoder, "image", commit_every)))
         return ready[0]
 
+    if isinstance(source, ModelOnDemand) and source.guessed and nworkers is not None:
+        model()  # a guessed preprocessing is settled before workers decode with it
+        pre = ready[0][0].preprocess
+
     def flush_tokens() -> None:  # the token segment is durable before the catalog commit of its images
         if ready and ready[0][1] is not None:
             ready[0][1].flush()
@@ -291,6 +295,11 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
                 ahead += 1
             files = files[ahead:]
             model()  # waits for the weights, so the timing below is the model's alone
+            if ready[0][0].preprocess != pre:  # a new index's guessed preprocessing was wrong: decode again
+                pre = ready[0][0].preprocess
+                redo, batch[:] = [d.entry for d in batch], []
+                for f in redo:
+                    take(decode_entry(f, pre, home), encode=False)
             decoded, batch[:] = list(batch), batch[:batch_size]
             n = len(batch)
             t1 = time.perf_counter()

@@ -81,3 +81,67 @@ def test_decoding_goes_on_while_the_model_loads(tmp_path: Path, encoder, photos:
     assert seen_at_load and seen_at_load[0] >= 10  # more than the first batch of 2 decoded while loading
     (added_a, a), (added_b, b) = results["lazy"], results["ready"]
     assert added_a == added_b and set(a) == set(b) and all(np.allclose(a[p], b[p], atol=1e-6) for p in a)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_a_new_index_decodes_with_a_guess_and_again_when_it_was_wrong(tmp_path: Path, encoder,
+                                                                      photos: dict[str, Path], right: bool) -> None:
+    """A new index guesses its model's preprocessing (from the shared export cache) to decode while the model
+    loads; the loaded model's own decides, the model is recorded by `ready` in the embedding thread, and a
+    wrong guess costs a second decode of what was decoded, never a different index."""
+    import dataclasses
+    import threading
+
+    from retrieval.model.recorded import ModelOnDemand, record_model
+
+    guess = encoder.preprocess if right else dataclasses.replace(encoder.preprocess, size=encoder.preprocess.size // 2,
+                                                                 resize_mode="squash")
+    threads: list[str] = []
+
+    def ready(enc):  # noqa: ANN001, ANN202 - the session's TorchEncoder
+        threads.append(threading.current_thread().name)
+        record_model(store, enc)
+        return enc
+
+    results = {}
+    for name in ("guessed", "loaded"):
+        with Store.open(tmp_path / name, create=True, writable=True) as store:
+            if name == "guessed":
+                source = ModelOnDemand(lambda: encoder, guess, "cpu", ready, guessed=True)
+                report = index_paths(store, source, [str(photos["root"])], batch_size=2)
+                assert source.preprocess == encoder.preprocess and store.fingerprint == encoder.fingerprint
+            else:
+                record_model(store, encoder)
+                report = index_paths(store, encoder, [str(photos["root"])], batch_size=2)
+            ids, vecs = store.vectors("image")
+            items = store.items(ids.tolist())
+            results[name] = (report.added, sorted(report.skipped),
+                             {items[i].path: v for i, v in zip(ids.tolist(), vecs, strict=True)})
+    assert threads == [threading.main_thread().name]
+    (added_a, skipped_a, a), (added_b, skipped_b, b) = results["guessed"], results["loaded"]
+    assert (added_a, skipped_a) == (added_b, skipped_b) and set(a) == set(b)
+    assert all(np.allclose(a[p], b[p], atol=1e-6) for p in a)
+
+
+def test_the_guess_comes_from_an_export_of_the_same_model_and_weights(tmp_path: Path, encoder,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from retrieval.model.recorded import predicted_preprocess
+
+    monkeypatch.setenv("CROSSMODAL_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"weights")
+    assert predicted_preprocess("ViT-X", str(ckpt)) is None  # nothing exported yet
+    folder = tmp_path / "cache" / "onnx" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    fp = {"model": "ViT-X", "pretrained": str(ckpt.resolve()), "weights": "sha256:00", "dim": 8}
+    (folder / "export.json").write_text(json.dumps({"fingerprint": fp, "preprocess": encoder.preprocess.to_json()}))
+    assert predicted_preprocess("ViT-X", str(ckpt)) == encoder.preprocess
+    assert predicted_preprocess("ViT-Y", str(ckpt)) is None  # another architecture
+    other = tmp_path / "v.pt"
+    other.write_bytes(b"other")
+    assert predicted_preprocess("ViT-X", str(other)) is None  # other weights
+    assert predicted_preprocess("ViT-X", str(tmp_path / "gone.pt")) is None  # a missing file: load says so
+    (folder / "export.json").write_text("{not json")
+    assert predicted_preprocess("ViT-X", str(ckpt)) is None  # a damaged record is no guess

@@ -180,16 +180,53 @@ def recorded_preprocess(record: ModelRecord) -> Preprocess | None:
     return Preprocess.from_json(found[1]["preprocess"]) if found is not None else None
 
 
+def predicted_preprocess(model: str | None, pretrained: str | None) -> Preprocess | None:
+    """For a new index: the preprocessing that the shared export cache recorded for the same model name and
+    weights (tag, or checkpoint path), so its first photos can decode while the model loads. A guess: the
+    loaded model's own preprocessing decides (ModelOnDemand.guessed); None when no export matches."""
+    if not model or not pretrained:
+        return None
+    spec = ModelSpec(name=model, pretrained=pretrained)
+    if spec.pretrained_is_file():
+        path = Path(pretrained).expanduser().resolve()
+        if not path.is_file():
+            return None
+        want = str(path)
+    else:
+        want = pretrained
+    from retrieval.model.export_cache import exports_root
+
+    root = exports_root()
+    for meta_file in sorted(root.glob("*/export.json")) if root.is_dir() else []:
+        try:
+            meta = json.loads(meta_file.read_text())
+            fp = meta["fingerprint"]
+            if fp["model"] == model and fp["pretrained"] == want:
+                return Preprocess.from_json(meta["preprocess"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 class ModelOnDemand:
     """The index's model, loaded when a first image actually needs embedding; what decoding needs before
     that (preprocessing, the device it will run on) comes from the index's record, so a run with nothing
     to embed never loads a model. `prefetch` starts loading in a background thread, so that the first
-    images decode while the weights load."""
+    images decode while the weights load.
 
-    def __init__(self, load: Callable[[], Encoder], preprocess: Preprocess, device: str = "auto") -> None:
+    `ready` runs once on the loaded model in the thread that asks for it (recording the model in the
+    catalog happens there, never in the loading thread). With `guessed` the preprocessing is a prediction
+    (a new index: `predicted_preprocess`); the loaded model's replaces it, and the pipeline decodes again
+    what it decoded with a wrong guess."""
+
+    def __init__(self, load: Callable[[], Encoder], preprocess: Preprocess, device: str = "auto",
+                 ready: Callable[[Encoder], Encoder] | None = None, guessed: bool = False) -> None:
         self._load = load
+        self._ready = ready
         self.preprocess = preprocess
+        self.guessed = guessed
         self._device = device
+        self._raw: Encoder | None = None  # loaded, `ready` not yet run
         self._model: Encoder | None = None
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -199,7 +236,7 @@ class ModelOnDemand:
         return self._model is not None
 
     def if_loaded(self) -> Encoder | None:
-        """The model if it is in memory already, else None (never loads it)."""
+        """The model if it is in memory and ready already, else None (never loads it)."""
         return self._model
 
     @property
@@ -217,32 +254,36 @@ class ModelOnDemand:
 
     def prefetch(self) -> None:
         """Start loading the model in a background thread (once); `__call__` waits for it."""
-        if self._model is None and self._thread is None:
+        if self._model is None and self._raw is None and self._thread is None:
             self._thread = threading.Thread(target=self._load_in_background, name="crossmodal-model-load",
                                             daemon=True)
             self._thread.start()
 
     def _load_in_background(self) -> None:
         try:
-            self._accept(self._load())
+            self._raw = self._checked(self._load())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by __call__
             self._failed = e
 
-    def _accept(self, model: Encoder) -> None:
-        if model.preprocess != self.preprocess:  # the record is from this model: never expected
+    def _checked(self, model: Encoder) -> Encoder:
+        if model.preprocess != self.preprocess and not self.guessed:  # recorded from this model: never expected
             raise ModelMismatch(f"{model.fingerprint.describe()} preprocesses images differently from what this "
                                 f"index recorded; index into a new --home")
-        self._model = model
+        return model
 
     def __call__(self) -> Encoder:
-        """The model, loaded on the first call (or waited for, after `prefetch`)."""
+        """The model, loaded on the first call (or waited for, after `prefetch`), made ready once."""
+        if self._model is not None:
+            return self._model
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             if self._failed is not None:
                 failed, self._failed = self._failed, None
                 raise failed
-        if self._model is None:
-            self._accept(self._load())
-        assert self._model is not None
-        return self._model
+        raw = self._raw if self._raw is not None else self._checked(self._load())
+        self._raw = None
+        model = self._ready(raw) if self._ready is not None else raw
+        self.preprocess = model.preprocess
+        self._model = model
+        return model

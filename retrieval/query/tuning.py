@@ -20,14 +20,16 @@ from retrieval.model.spec import Fingerprint
 from retrieval.query.vocab import builtin_vocabulary, cached_vocabulary_vectors
 
 
-def vocabulary_queries(home: Path, fp: Fingerprint, loaded: Callable[[], Encoder | None] | None = None
-                       ) -> Callable[[str], np.ndarray | None]:
+def vocabulary_queries(home: Path, model: Fingerprint | Callable[[], Fingerprint | None],
+                       loaded: Callable[[], Encoder | None] | None = None) -> Callable[[str], np.ndarray | None]:
     """A query source for Store.tune_with: "text" -> the vocabulary's vectors (None when no encoder can
-    make them and none are cached); other kinds -> None. `loaded` gives the encoder the caller has loaded
-    anyway (or None), tried after the ONNX export; nothing is loaded for this."""
+    make them and none are cached); other kinds -> None. `model` is the index's fingerprint, or a function
+    giving it when tuning runs (a new index records its model with its first batch). `loaded` gives the
+    encoder the caller has loaded anyway (or None), tried after the ONNX export; nothing is loaded for this."""
 
     def source(kind: str) -> np.ndarray | None:
-        if kind != "text":
+        fp = model() if callable(model) else model
+        if kind != "text" or fp is None:
             return None
         cached = cached_vocabulary_vectors(home, fp)
         if cached is not None:

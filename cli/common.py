@@ -88,7 +88,8 @@ def handle_errors(fn: F) -> F:
 
 # ---- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="open_clip model name (default ViT-B-32; queries use the index's recorded model)")]
+    "--model", help="open_clip model name, or an open_clip model-config FILE.json for a custom model (with "
+                    "--pretrained CHECKPOINT) (default ViT-B-32; queries use the index's recorded model)")]
 PretrainedOpt = Annotated[str | None, typer.Option(
     "--pretrained", help="Pretrained tag (default laion2b_s34b_b79k) or a local checkpoint file")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]

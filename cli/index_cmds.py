@@ -83,6 +83,8 @@ def index(
 
       crossmodal index ~/Pictures --model ViT-B-32 --pretrained /models/vit-b-32.pt --json
 
+      crossmodal index ~/Pictures --model my_clip.json --pretrained my_clip.pt   (a custom open_clip config)
+
       crossmodal index /archive --index-type auto --memory-budget 8G
     """
     from indexer.pipeline import index_paths

@@ -231,6 +231,8 @@ def info(json_out: JsonOpt = False) -> None:
         data = {
             "home": str(store.home),
             "model": fp.model if fp else None,
+            **({"model_config": {"file": fp.config_file, "sha256": fp.config.split(":", 1)[1]}}
+               if fp and fp.config else {}),  # a custom model's config (recorded whole in the index)
             "pretrained": fp.pretrained if fp else None,
             "dim": fp.dim if fp else None,
             "image_precision": ", ".join(image_precisions(store)) or None,  # which embedded the images
@@ -256,7 +258,9 @@ def info(json_out: JsonOpt = False) -> None:
                     **({"onnx_leftovers": [{"path": str(x.path), "bytes": x.bytes, "removed": x.removed}
                                            for x in leftovers]} if leftovers else {})})
         return
-    rows = [[k, str(v)] for k, v in data.items() if k not in ("corpora", "vector_index")]
+    rows = [[k, str(v)] for k, v in data.items() if k not in ("corpora", "vector_index", "model_config")]
+    if fp is not None and fp.config:  # the config itself is in the index: the file may move or go
+        rows.insert(2, ["model config", f"{fp.config_file} ({fp.config}, recorded in the index)"])
     for m, ix in data["vector_index"].items():
         mapped = ", memory-mapped" if ix["memory_mapped"] else ""
         rows.append([f"{m} search", f"{ix['describe']} (asked: {ix['requested']}{mapped})"

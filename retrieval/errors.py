@@ -23,6 +23,11 @@ class ModelUnavailable(UserError):
     """Model weights cannot be loaded: not cached and the hub unreachable, or a bad checkpoint file."""
 
 
+class ModelConfigError(UserError):
+    """A --model FILE.json that is not a usable open_clip model config (unreadable, not JSON, malformed, or one
+    whose tokenizer or text tower open_clip would download at run time)."""
+
+
 class ModelMismatch(UserError):
     """The index was built with another model than the one requested."""
 

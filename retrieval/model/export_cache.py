@@ -57,7 +57,7 @@ def exports_root() -> Path:
 
 def export_key(fp: Fingerprint, version: int = EXPORT_VERSION) -> str:
     """Folder name for one model's export (the same fingerprint fields the store compares)."""
-    return hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|onnx-v{version}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{fp.cache_id()}|onnx-v{version}".encode()).hexdigest()[:16]
 
 
 def export_dir(fp: Fingerprint, version: int = EXPORT_VERSION) -> Path:

@@ -89,8 +89,7 @@ def inspect_export(folder: Path, fp: Fingerprint) -> tuple[dict[str, Any] | None
     try:
         meta: dict[str, Any] = json.loads(raw)
         m = meta.get("fingerprint", {})
-        ours = (meta.get("version") == EXPORT_VERSION
-                and (m.get("model"), m.get("weights"), m.get("dim")) == (fp.model, fp.weights, fp.dim))
+        ours = meta.get("version") == EXPORT_VERSION and fp.matches(m)
     except (ValueError, AttributeError):
         return None, f"{EXPORT_META} is unreadable"
     if not ours:

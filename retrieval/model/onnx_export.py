@@ -315,7 +315,7 @@ def ensure_export(encoder: Any, home: str | Path | None = None, notify: Callable
     except ExportBusy as e:
         say(f"{e}; queries will use its export once it is done (torch until then)")
     except ExportUnsupported as e:
-        say(f"{fp.model} cannot be exported to ONNX ({e}); queries will use torch")
+        say(f"{fp.label()} cannot be exported to ONNX ({e}); queries will use torch")
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(e) + "\n")

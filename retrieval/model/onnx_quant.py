@@ -139,7 +139,7 @@ def inspect_int8(folder: Path, fp: Fingerprint, deep: bool = True) -> tuple[str,
         meta: dict[str, Any] = json.loads((folder / INT8_META).read_text())
         m = meta["fingerprint"]
         current = (meta["version"] == QUANT_VERSION and meta["export_version"] == EXPORT_VERSION
-                   and (m["model"], m["weights"], m["dim"]) == (fp.model, fp.weights, fp.dim)
+                   and (m["model"], m["weights"], m["dim"]) == (fp.model, fp.weights, fp.dim) and fp.matches(m)
                    and str(meta["onnxruntime"]).split(".")[:2] == _runtime().split(".")[:2]
                    and (bool(meta["reduce_range"]) or not needs_reduce_range()))
     except FileNotFoundError:

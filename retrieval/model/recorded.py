@@ -1,8 +1,9 @@
 """Open the model an index records: the one way the CLI, the page, the query path and training do it.
 
-An index records its model's fingerprint (architecture, exact weights, width). Every command that embeds
-for an index goes through `open_model`: it refuses a different model before loading any weights, finds a
-moved or changed checkpoint file, and checks the loaded model against the record.
+An index records its model's fingerprint (architecture, exact weights, width, and a custom model's whole
+config). Every command that embeds for an index goes through `open_model`: it refuses a different model
+before loading any weights, finds a moved or changed checkpoint file, and checks the loaded model against the
+record.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Protocol
 
 from retrieval.errors import ModelMismatch, ModelUnavailable
 from retrieval.media.decode import Preprocess
+from retrieval.model.custom_config import CustomConfig, is_config_file, read_config, recorded_config
 from retrieval.model.protocol import Encoder
 from retrieval.model.spec import Fingerprint, ModelSpec, resolve_device
 from retrieval.model.torch_encoder import TorchEncoder, load_encoder
@@ -69,26 +71,44 @@ def checkpoint_stat(path: str) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def asked_model(model: str) -> tuple[str, CustomConfig | None]:
+    """A --model value as (open_clip name, custom config): an existing FILE.json is a custom model config
+    (custom_config.py), anything else a model name (checked when the model loads)."""
+    if is_config_file(model):
+        config = read_config(model)
+        return config.name, config
+    return model, None
+
+
+def recorded_custom(fp: Fingerprint) -> CustomConfig | None:
+    """The custom model config an index records in its fingerprint (None: a built-in model)."""
+    return recorded_config(fp.config_json, fp.config, fp.config_file) if fp.config else None
+
+
 def requested_spec(record: ModelRecord, model: str | None, pretrained: str | None, device: str = "auto",
                    precision: str = "auto") -> tuple[ModelSpec, str | None]:
     """The model a command should run: the recorded one, or the one asked for if it is the same.
 
     Returns the spec and, for checkpoint files, the already-verified sha256 (None means hash it).
-    Raises ModelMismatch before any weights are loaded when the request differs from the record.
+    Raises ModelMismatch before any weights are loaded when the request differs from the record. A recorded
+    custom model comes back with the config its record holds: the file need not exist any more.
     """
+    name, asked = asked_model(model) if model else (None, None)
     fp = record.fingerprint
     if fp is None:
         if not model and not pretrained:
             return ModelSpec(device=device, precision=precision), None
-        spec = ModelSpec(name=model or ModelSpec.name, pretrained=pretrained or ModelSpec.pretrained,
-                         device=device, precision=precision)
+        spec = ModelSpec(name=name or ModelSpec.name, pretrained=pretrained or ModelSpec.pretrained,
+                         device=device, precision=precision, config=asked)
         return spec, None
-    name = model or fp.model
-    if name != fp.model:
-        raise ModelMismatch(f"this index was built with {fp.describe()}, not {name}; "
+    name = name or fp.model
+    if name != fp.model or (asked is not None and f"sha256:{asked.sha256}" != fp.config):
+        what = f"{model} [model config sha256:{asked.sha256[:12]}]" if asked is not None else name
+        raise ModelMismatch(f"this index was built with {fp.describe()}, not {what}; "
                             f"queries always use the recorded model, or pick another --home")
+    config = asked or recorded_custom(fp)  # the same config (equal sha256): the file, when given, is as good
     if pretrained:
-        spec = ModelSpec(name=name, pretrained=pretrained, device=device, precision=precision)
+        spec = ModelSpec(name=name, pretrained=pretrained, device=device, precision=precision, config=config)
         if spec.pretrained_is_file():
             path = str(Path(pretrained).expanduser().resolve())
             if not os.path.isfile(path):
@@ -101,7 +121,7 @@ def requested_spec(record: ModelRecord, model: str | None, pretrained: str | Non
         if pretrained != fp.weights:
             raise ModelMismatch(f"this index was built with {fp.describe()}, not pretrained '{pretrained}'")
         return spec, None
-    spec = ModelSpec(name=fp.model, pretrained=fp.pretrained, device=device, precision=precision)
+    spec = ModelSpec(name=fp.model, pretrained=fp.pretrained, device=device, precision=precision, config=config)
     if fp.weights.startswith("sha256:"):
         if not os.path.isfile(fp.pretrained):
             raise ModelUnavailable(f"the checkpoint this index was built with is gone from {fp.pretrained}; "

@@ -11,25 +11,31 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from retrieval.errors import UserError
 from retrieval.hardware import cpu_has_fast_bf16
+from retrieval.model.custom_config import CustomConfig
 from retrieval.model.weights import file_sha256
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PURPOSES = ("index", "query")
+_CONFIG_FIELDS = ("config", "config_json", "config_file")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which open_clip model to run and how; `pretrained` is a published tag or a local checkpoint path."""
+    """Which open_clip model to run and how; `pretrained` is a published tag or a local checkpoint path.
+
+    A custom model (--model FILE.json) has `config` set and `name` is its private registry name."""
 
     name: str = DEFAULT_MODEL
     pretrained: str = DEFAULT_PRETRAINED
     device: str = "auto"
     precision: str = "auto"
+    config: CustomConfig | None = None
 
     def pretrained_is_file(self) -> bool:
         """A value naming an existing file (or containing a path separator) is a local checkpoint."""
@@ -38,21 +44,50 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What makes two indexes comparable: architecture, exact weights and embedding width."""
+    """What makes two indexes comparable: architecture, exact weights and embedding width.
+
+    A custom model also records its config (model/custom_config.py): the sha256 equality uses, and the
+    canonical JSON itself, so the record alone rebuilds the model. Built-in models leave the three empty, and
+    their JSON is then what it always was (older versions read it, cache keys stay)."""
 
     model: str
     pretrained: str  # the tag, or the checkpoint's absolute path (informational)
     weights: str  # the tag, or "sha256:<hex>" of the checkpoint file (what equality uses)
     dim: int
+    config: str = ""  # "sha256:<hex>" of a custom model's canonical config JSON (what equality uses)
+    config_json: str = ""  # that canonical JSON
+    config_file: str = ""  # the file it was read from (informational)
+
+    def key(self) -> tuple[str, str, int, str]:
+        """What equality uses."""
+        return self.model, self.weights, self.dim, self.config
 
     def same_model(self, other: Fingerprint) -> bool:
-        return (self.model, self.weights, self.dim) == (other.model, other.weights, other.dim)
+        return self.key() == other.key()
+
+    def matches(self, recorded: dict[str, Any]) -> bool:
+        """Whether a fingerprint as stored in JSON (an export's metadata) is of this model."""
+        return (recorded.get("model"), recorded.get("weights"), recorded.get("dim"),
+                recorded.get("config", "")) == self.key()
+
+    def cache_id(self) -> str:
+        """The text cache keys hash: model|weights|dim, then |config for a custom model (so the keys of
+        built-in models, and the caches under them, stay what they were)."""
+        base = f"{self.model}|{self.weights}|{self.dim}"
+        return f"{base}|{self.config}" if self.config else base
+
+    def label(self) -> str:
+        """The model as messages name it: the name, or a custom model's config file and sha256 prefix."""
+        if self.config:
+            return f"{Path(self.config_file).name or self.model} [model config {self.config[:19]}]"
+        return self.model
 
     def describe(self) -> str:
-        return f"{self.model} / {self.pretrained}"
+        return f"{self.label()} / {self.pretrained}"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps({k: v for k, v in asdict(self).items() if v != "" or k not in _CONFIG_FIELDS},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:
@@ -100,10 +135,13 @@ def resolve_precision(precision: str, device: str, purpose: str = "index") -> st
 
 def fingerprint_for(spec: ModelSpec, dim: int, checkpoint_sha: str | None = None) -> Fingerprint:
     """Build the fingerprint; hashing a checkpoint file is skipped when the caller already knows it."""
+    cfg = spec.config
+    custom = {} if cfg is None else {"config": f"sha256:{cfg.sha256}", "config_json": cfg.text,
+                                     "config_file": cfg.source}
     if spec.pretrained_is_file():
         path = str(Path(spec.pretrained).expanduser().resolve())
         sha = checkpoint_sha or file_sha256(path)
-        return Fingerprint(model=spec.name, pretrained=path, weights=f"sha256:{sha}", dim=dim)
-    return Fingerprint(model=spec.name, pretrained=spec.pretrained, weights=spec.pretrained, dim=dim)
+        return Fingerprint(model=spec.name, pretrained=path, weights=f"sha256:{sha}", dim=dim, **custom)
+    return Fingerprint(model=spec.name, pretrained=spec.pretrained, weights=spec.pretrained, dim=dim, **custom)
 
 

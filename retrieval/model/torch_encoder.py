@@ -18,6 +18,7 @@ import numpy as np
 from retrieval.errors import ModelUnavailable
 from retrieval.hardware import usable_cores
 from retrieval.media.decode import Preprocess
+from retrieval.model.custom_config import register
 from retrieval.model.protocol import Encoder, unit_rows
 from retrieval.model.spec import Fingerprint, ModelSpec, fingerprint_for, resolve_device, resolve_precision
 from retrieval.model.weights import (
@@ -40,6 +41,14 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
 
     _silence_open_clip()
     kwargs: dict[str, Any] = {"device": device}
+    label = spec.name
+    if spec.config is not None:  # a custom model config: registered under its private name first
+        register(spec.config)
+        label = spec.config.label
+        if not spec.pretrained_is_file():
+            raise ModelUnavailable(f"{label} is a custom model config: pass its weights with --pretrained "
+                                   f"/path/to/checkpoint.pt ('{spec.pretrained}' is not a file; pretrained "
+                                   f"tags name the weights of built-in models)")
     if spec.pretrained_is_file():
         path = Path(spec.pretrained).expanduser()
         if not path.is_file():
@@ -47,9 +56,9 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
         check_model_name(spec.name)
         try:
             model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=str(path), **kwargs)
-        except Exception as e:  # noqa: BLE001 - a wrong file is the user's to fix
+        except Exception as e:  # noqa: BLE001 - a wrong file (or a config open_clip cannot build) is the user's
             raise ModelUnavailable(
-                f"cannot load checkpoint {path} into {spec.name}: {str(e).splitlines()[0][:300]}") from e
+                f"cannot load checkpoint {path} into {label}: {str(e).splitlines()[0][:300]}") from e
     else:
         check_tag(spec.name, spec.pretrained)
         cached = tag_is_cached(spec.name, spec.pretrained)
@@ -73,7 +82,12 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
         interpolation=cfg.get("interpolation", "bicubic"),
         fill_color=int(cfg.get("fill_color", 0)),
     )
-    tokenizer = open_clip.get_tokenizer(spec.name)
+    try:
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    except Exception as e:  # noqa: BLE001 - built-in names always make one; a custom config's kwargs may not
+        if spec.config is None:
+            raise
+        raise ModelUnavailable(f"cannot make the tokenizer of {label}: {str(e).splitlines()[0][:300]}") from e
     return model, tokenizer, pre
 
 

@@ -74,7 +74,7 @@ def query_encoder(store: Store, model: str | None = None, pretrained: str | None
             damaged = _drop_if_damaged(store.home, fp)
             marker = unsupported_marker(fp)
             if marker.is_file():
-                reason = f"{fp.model} has no ONNX export ({_first_line(marker)})"
+                reason = f"{fp.label()} has no ONNX export ({_first_line(marker)})"
         if reason and backend == "onnx":
             raise UserError(f"--backend onnx: {reason}")
     encoder = open_model(store, model, pretrained, device, precision, purpose="query")

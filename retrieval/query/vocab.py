@@ -24,7 +24,7 @@ BUILTIN_CORPUS = "builtin:imagenet"
 
 
 def _cache_path(home: Path, fp: Fingerprint) -> Path:
-    key = hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{fp.cache_id()}|v1".encode()).hexdigest()[:16]
     return home / "vocab" / f"imagenet-{key}.npz"
 
 

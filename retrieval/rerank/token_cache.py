@@ -52,7 +52,7 @@ def cache_dir(home: str | Path, fp: Fingerprint, kind: str = "image") -> Path:
     """Per model and kind, so tokens of another model can never be mixed in."""
     if kind not in KINDS:
         raise ValueError(kind)
-    key = hashlib.sha256(f"{fp.model}|{fp.weights}|{fp.dim}|{VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{fp.cache_id()}|{VERSION}".encode()).hexdigest()[:16]
     return Path(home) / "tokens" / key / kind
 
 

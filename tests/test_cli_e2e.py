@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.hardware import cpu_has_fast_bf16
 from retrieval.store import Store
 from tests.helpers import BAD, GOOD, TEST_MODEL, make_checkpoint, run_cli
 
@@ -88,7 +89,8 @@ def test_add_texts_every_format(cli_home, tmp_path):
     assert info == {"home": str(home), "model": TEST_MODEL, "pretrained": info["pretrained"], "dim": 384,
                     "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2},
                     "vector_index": info["vector_index"],  # its content: tests/test_ann.py
-                    "onnx_export": info["onnx_export"]}
+                    "onnx_export": info["onnx_export"],
+                    "image_precision": "bf16" if cpu_has_fast_bf16() else "fp32"}  # what auto indexed with
     from retrieval.model.export_cache import exports_root
 
     export = info["onnx_export"]  # the shared cache's export of the model (`index` made or found it)

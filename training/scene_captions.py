@@ -219,3 +219,53 @@ def binding_probes(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any
     (a probe is left out when the scene has no such pair, or satisfies every one of its negatives)."""
     probes = [make(scene, rng) for make in (_relation_probe, _and_probe, _count_probe)]
     return [p for p in probes if p is not None]
+
+
+# ---- hard negatives for training -------------------------------------------------------------------
+def _style_of(spec: Spec, raw: str) -> int:
+    """The paraphrase number that renders `spec` as `raw` (so a negative keeps the caption's wording)."""
+    n = {"exists": len(EXISTS), "count": len(COUNT), "and": len(AND)}.get(spec["type"], 5)
+    return next((s for s in range(n) if render(spec, s) == raw), 0)
+
+
+def _swaps(scene: Scene, spec: Spec) -> Negatives:
+    """Every binding-style edit of `spec`, true or not of the scene (the caller keeps the false ones)."""
+    kind, negs = spec["type"], []
+    if kind == "relation":
+        da, db, rel = spec["a"], spec["b"], spec["rel"]
+        negs = [(f"swap_{key}", {"type": "relation", "a": sa, "rel": rel, "b": sb})
+                for key in ("colour", "shape", "size") for sa, sb in [_swap(da, db, key)]]
+        negs += [("swap_relation", {"type": "relation", "a": db, "rel": rel, "b": da}),
+                 ("opposite_relation", {"type": "relation", "a": da, "rel": OPPOSITE[rel], "b": db})]
+    elif kind == "and":
+        ds = list(spec["objects"])
+        for i in range(len(ds)):
+            for j in range(i + 1, len(ds)):
+                for key in ("colour", "shape", "size"):
+                    sa, sb = _swap(ds[i], ds[j], key)
+                    negs.append((f"swap_{key}", {"type": "and", "objects": ds[:i] + [sa] + ds[i + 1:j] + [sb]
+                                                 + ds[j + 1:]}))
+    elif kind == "count":
+        negs = [("count", {**spec, "n": m}) for m in (int(spec["n"]) + 1, int(spec["n"]) - 1) if m in NUMBERS]
+    elif kind == "exists":  # an attribute of another object bound to this one: "a blue circle" for a blue square
+        d = spec["object"]
+        for o in scene["objects"]:
+            for key in ("colour", "shape"):
+                if d.get(key) is not None and o[key] != d[key]:
+                    negs.append((f"swap_{key}", {"type": "exists", "object": {**d, key: o[key]}}))
+    return negs
+
+
+def caption_negatives(scene: Scene, spec: Spec, raw: str) -> list[tuple[str, str]]:
+    """(kind, text) hard negatives of one true caption, for contrastive training: the caption with colours,
+    shapes or sizes swapped between its objects, its objects or relation swapped, its count off by one, or
+    (for "a red circle") another object's colour or shape. Worded like `raw`; the scene satisfies none."""
+    style = _style_of(spec, raw)
+    out: list[tuple[str, str]] = []
+    seen = {raw}
+    for kind, neg in _swaps(scene, spec):
+        text = render(neg, style)
+        if text not in seen and not satisfies(scene, neg):
+            seen.add(text)
+            out.append((kind, text))
+    return out

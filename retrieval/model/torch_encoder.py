@@ -71,17 +71,7 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
         except Exception as e:  # noqa: BLE001 - download or load failure
             raise ModelUnavailable(missing_weights_message(spec.name, spec.pretrained)
                                    + f" ({str(e).splitlines()[0][:200]})") from e
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    size = cfg.get("size", getattr(model.visual, "image_size", 224))
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    pre = Preprocess(
-        size=int(size),
-        mean=tuple(cfg.get("mean", Preprocess.mean)),
-        std=tuple(cfg.get("std", Preprocess.std)),
-        resize_mode=cfg.get("resize_mode", "shortest"),
-        interpolation=cfg.get("interpolation", "bicubic"),
-        fill_color=int(cfg.get("fill_color", 0)),
-    )
+    pre = preprocess_for(model)
     try:
         tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as e:  # noqa: BLE001 - built-in names always make one; a custom config's kwargs may not
@@ -89,6 +79,21 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Preprocess]:
             raise
         raise ModelUnavailable(f"cannot make the tokenizer of {label}: {str(e).splitlines()[0][:300]}") from e
     return model, tokenizer, pre
+
+
+def preprocess_for(model: Any) -> Preprocess:
+    """The Preprocess an open_clip model's own preprocess config implies (what index and training decode with)."""
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return Preprocess(
+        size=int(size),
+        mean=tuple(cfg.get("mean", Preprocess.mean)),
+        std=tuple(cfg.get("std", Preprocess.std)),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        fill_color=int(cfg.get("fill_color", 0)),
+    )
 
 
 class TorchEncoder(Encoder):

@@ -137,6 +137,8 @@ def index(
             ModelOnDemand(load, pre, dev, ready) if pre is not None
             else ModelOnDemand(load, guess, dev, ready, guessed=True) if guess is not None
             else ready(load()))
+        if isinstance(source, ModelOnDemand) and source.guessed:
+            source.prefetch()  # a new index has something to embed: load while the store opens and files decode
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 

@@ -115,7 +115,7 @@ def missing_weights_message(model: str, tag: str) -> str:
             f"or pass a local open_clip checkpoint with --pretrained /path/to/checkpoint.pt")
 
 
-HASHES_FILE = "checkpoint-sha256.json"  # in the per-user cache (export_cache.cache_root)
+HASHES_FILE = "checkpoint-sha256.json"  # in the per-user cache (config.cache_root)
 HASHES_KEPT = 64
 
 
@@ -140,7 +140,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _hashes_path() -> Path:
-    from retrieval.model.export_cache import cache_root
+    from retrieval.config import cache_root
 
     return cache_root() / HASHES_FILE
 

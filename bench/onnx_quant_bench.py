@@ -37,19 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import numpy as np  # noqa: E402
 
+from bench.index_throughput import make_random_checkpoint  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def make_random_checkpoint(model: str, path: Path, seed: int = 0) -> None:
-    import open_clip
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    m = open_clip.create_model(model)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(m.state_dict(), tmp)
-    os.replace(tmp, path)
 
 
 def busy_s() -> float:

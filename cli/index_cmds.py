@@ -25,12 +25,11 @@ from cli.common import (
     progress_printer,
     table,
 )
+from cli.index_model import check_int8, export_for_queries, model_source
 from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.errors import UserError
 
 if TYPE_CHECKING:
-    from retrieval.model.protocol import Encoder
-    from retrieval.model.spec import Fingerprint
     from retrieval.store import Store
 
 
@@ -88,55 +87,19 @@ def index(
       crossmodal index /archive --index-type auto --memory-budget 8G
     """
     from indexer.pipeline import index_paths
-    from retrieval.model.recorded import (
-        ModelOnDemand,
-        open_model,
-        predicted_preprocess,
-        record_model,
-        recorded_preprocess,
-        requested_spec,
-    )
+    from retrieval.model.recorded import ModelOnDemand, requested_spec
     from retrieval.query.tuning import vocabulary_queries
     from retrieval.store import Store
 
     for p in paths:
         if not p.expanduser().exists():
             raise UserError(f"no such file or folder: {p}")
-
-    int8 = precision == "int8"  # images on the int8 graph (model/onnx_quant.py); the model itself at auto
-    if int8 and device not in ("auto", "cpu"):
-        raise UserError("--precision int8 runs the image tower on the CPU (ONNX Runtime); drop --device")
-
-    dev, prec = ("cpu", "auto") if int8 else (device, precision)
-
-    def load() -> Encoder:
-        """Load the model (a background thread may run this: it records nothing)."""
-        return open_model(store, model, pretrained, dev, prec)
-
-    def ready(enc: Encoder) -> Encoder:
-        """Record the loaded model in the index and say which it is (in the thread that embeds)."""
-        record_model(store, enc)
-        if int8:
-            from retrieval.model.onnx_quant import Int8ImageEncoder
-
-            enc = Int8ImageEncoder(enc, store.home, None if quiet or json_out else err, lambda m: err(f"warning: {m}"))
-        if not quiet and not json_out:
-            typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)
-        return enc
+    check_int8(precision, device)
 
     with Store.open(home(), create=True, writable=True) as store:
         requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
-        pre = recorded_preprocess(store) if store.fingerprint is not None else None
-        # An index that knows its model's preprocessing loads the model only when an image needs embedding:
-        # an unchanged re-run never does. A new index whose model the shared export cache knows guesses it
-        # from there, so its first photos decode while the model loads; any other new index loads it now.
         plain = reranker is None and index_type is None and memory_budget is None  # those need the model first
-        guess = predicted_preprocess(model, pretrained) if pre is None and store.fingerprint is None and plain \
-            else None
-        source: Encoder | ModelOnDemand = (
-            ModelOnDemand(load, pre, dev, ready) if pre is not None
-            else ModelOnDemand(load, guess, dev, ready, guessed=True) if guess is not None
-            else ready(load()))
+        source = model_source(store, model, pretrained, device, precision, quiet or json_out, guess=plain)
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 
@@ -186,7 +149,7 @@ def index(
             ["images in index", str(total)], ["seconds", f"{report.seconds:.1f}"],
             ["images/s", f"{report.images_per_second:.1f}"],
         ])
-    _export_for_queries(fp, source if isinstance(source, ModelOnDemand) else lambda: source, quiet or json_out)
+    export_for_queries(fp, source if isinstance(source, ModelOnDemand) else lambda: source, quiet or json_out)
 
 
 def _request_index_type(store: Store, index_type: str | None, memory_budget: str | None, rebuild: bool,
@@ -337,35 +300,12 @@ def add_texts(
             report = add_corpus(store, encoder, file, corpus, column, field, progress=update)
         finally:
             stop()
-    _export_for_queries(encoder.fingerprint, lambda: encoder, quiet or json_out)
+    export_for_queries(encoder.fingerprint, lambda: encoder, quiet or json_out)
     if json_out:
         print_json(report.to_json())
     else:
         typer.echo(clean(f"corpus '{report.corpus}'") + f": added {report.added} captions, {report.duplicates} "
                    f"duplicates skipped ({report.seconds:.1f} s)")
-
-
-def _export_for_queries(fp: Fingerprint, encoder: Callable[[], Encoder], quiet: bool) -> None:
-    """Export the model to ONNX once per machine (the per-user cache every home shares) so queries start
-    without torch; never fails the command. The model is loaded for it only when there is no export yet, and
-    a home whose model another home already exported pays nothing."""
-    from retrieval.model.export_cache import unsupported_marker
-    from retrieval.model.onnx_encoder import OnnxEncoder
-    from retrieval.query.open import default_backend
-
-    if default_backend() == "torch" or unsupported_marker(fp).is_file():
-        return
-    if OnnxEncoder.open(home(), fp) is not None:
-        return
-    from retrieval.model.onnx_export import ensure_export
-
-    def start() -> None:
-        if not quiet:
-            err("exporting the model to ONNX for fast queries (once per model on this machine, shared by every "
-                "index)")
-
-    ensure_export(encoder(), home(), lambda msg: err(f"warning: {msg}"), on_start=start,
-                  on_wait=None if quiet else err)
 
 
 @handle_errors

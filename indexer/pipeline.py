@@ -177,9 +177,10 @@ def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[
         # Files that failed before are retried; when nothing else is new, the model loads only if one of
         # them now decodes (no background load that a run of broken files would pay for).
         failed_before = {p for p, _ in store.skipped()}
-        prefetch = any(to_catalog(f.path) not in failed_before for f, _ in work)
+        if isinstance(encoder, ModelOnDemand) and any(to_catalog(f.path) not in failed_before for f, _ in work):
+            encoder.prefetch()  # the first images decode while the weights load
         _embed(store, encoder, work, report, batch_size or default_batch_size(encoder.device), workers, progress,
-               commit_every, thumbnails, gpu_decode, prefetch)
+               commit_every, thumbnails, gpu_decode)
     else:
         store.record_skipped(report.skipped)
     report.removed = store.remove_images(todo.missing)
@@ -192,6 +193,9 @@ def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[
     report.seconds = time.perf_counter() - started
     report.images_per_second = len(work) / report.seconds if report.seconds > 0 and work else 0.0
     return report
+
+
+DECODE_SAMPLE = 8  # decodes timed on their own before a run picks its decode workers
 
 
 def choose_workers(decode_s: float, model_s: float, cores: int) -> int:
@@ -211,7 +215,7 @@ def choose_workers(decode_s: float, model_s: float, cores: int) -> int:
 
 def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileEntry, int | None]],
            report: IndexReport, batch_size: int, workers: int | None, progress: ProgressFn | None,
-           commit_every: int, thumbnails: bool, gpu_decode: bool | None, prefetch: bool = True) -> None:
+           commit_every: int, thumbnails: bool, gpu_decode: bool | None) -> None:
     """Decode, embed and commit `work` (files, and the id each replaces), filling `report` as it goes.
 
     Without a worker count (the default, on the CPU) the first batch is decoded in this process and
@@ -224,8 +228,6 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
     device, pre = source.device, source.preprocess
     use_gpu = wants_gpu_decode(device, gpu_decode)
     nworkers: int | None = default_gpu_workers() if use_gpu and workers is None else workers
-    if isinstance(source, ModelOnDemand) and prefetch:
-        source.prefetch()  # the first images decode while the weights load
     ready: list[tuple[Encoder, token_cache.TokenCacheWriter | None]] = []
 
     def model() -> tuple[Encoder, token_cache.TokenCacheWriter | None]:
@@ -284,22 +286,35 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
     stream: Iterator[Decoded | Failed] | None = None
     try:
         if nworkers is None:  # measure both stages on the first batch, then pick the worker count
-            head, files = files[:batch_size], files[batch_size:]
-            t0 = time.perf_counter()
-            for f in head:
+            clean = [0.0, 0.0]  # seconds and count of decodes timed while no model was loading beside them
+
+            def timed(f: FileEntry) -> None:
+                busy = isinstance(source, ModelOnDemand) and source.loading
+                t0 = time.perf_counter()
                 take(decode_entry(f, pre, home), encode=False)
-            decode_s = (time.perf_counter() - t0) / max(1, len(head))
+                if not busy and not (isinstance(source, ModelOnDemand) and source.loading):
+                    clean[0] += time.perf_counter() - t0
+                    clean[1] += 1
+
+            head, files = files[:batch_size], files[batch_size:]
+            for f in head:
+                timed(f)
             ahead = 0  # while the weights still load, decoding goes on: that time is not lost
             while isinstance(source, ModelOnDemand) and source.loading and ahead < len(files):
-                take(decode_entry(files[ahead], pre, home), encode=False)
+                timed(files[ahead])
                 ahead += 1
             files = files[ahead:]
             model()  # waits for the weights, so the timing below is the model's alone
             if ready[0][0].preprocess != pre:  # a new index's guessed preprocessing was wrong: decode again
                 pre = ready[0][0].preprocess
-                redo, batch[:] = [d.entry for d in batch], []
+                redo, batch[:], clean[:] = [d.entry for d in batch], [], [0.0, 0.0]
                 for f in redo:
-                    take(decode_entry(f, pre, home), encode=False)
+                    timed(f)
+            extra = min(DECODE_SAMPLE, len(files)) if clean[1] < DECODE_SAMPLE else 0
+            for f in files[:extra]:  # decoding beside a loading model ran slow: time a few on their own
+                timed(f)
+            files = files[extra:]
+            decode_s = clean[0] / clean[1] if clean[1] else 0.0
             decoded, batch[:] = list(batch), batch[:batch_size]
             n = len(batch)
             t1 = time.perf_counter()
@@ -309,7 +324,8 @@ def _embed(store: Store, source: Encoder | ModelOnDemand, work: list[tuple[FileE
                 batch[:] = decoded[start:start + batch_size]
                 encode_batch()
             nworkers = choose_workers(decode_s, model_s, usable_cores()) if files and n else 0
-            report.stages = {"decode_ms": round(decode_s * 1000, 2), "model_ms": round(model_s * 1000, 2)}
+            report.stages = {**({"decode_ms": round(decode_s * 1000, 2)} if clean[1] else {}),
+                             "model_ms": round(model_s * 1000, 2)}  # decode_ms: unless all decoded beside the load
             _share_cores(device, nworkers)
         report.workers = nworkers
         if use_gpu:

@@ -22,6 +22,7 @@ IMAGE_EXTENSIONS = frozenset(
 # Thumbnails written while indexing (short side, pixels): for the page and for reranking.
 THUMB_SIZE = 256
 HOME_ENV = "CROSSMODAL_HOME"
+CACHE_ENV = "CROSSMODAL_CACHE"
 
 
 def default_home() -> Path:
@@ -32,3 +33,14 @@ def default_home() -> Path:
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("crossmodal", appauthor=False))
+
+
+def cache_root() -> Path:
+    """The per-user cache every index home shares (ONNX exports, checkpoint hashes): $CROSSMODAL_CACHE, else
+    the platform's user cache dir for `crossmodal` (~/.cache/crossmodal on Linux)."""
+    raw = os.environ.get(CACHE_ENV, "")
+    if raw:
+        return Path(raw).expanduser().absolute()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("crossmodal", appauthor=False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 CPU_FLAGS_ENV = "CROSSMODAL_CPU_FLAGS"
@@ -47,6 +48,15 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # CUDA, ROCm, WSL2's GPU
+
+
+def no_accelerator_possible() -> bool:
+    """True on a Linux machine without GPU device nodes: no CUDA (or ROCm) device can be visible there, so
+    `--device auto` means the CPU without importing torch (2-3 s that an index run can spend decoding)."""
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in ACCELERATOR_NODES)
 
 
 def cuda_available() -> bool:

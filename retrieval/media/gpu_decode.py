@@ -205,7 +205,7 @@ def thumbnail_input(x: Any, short_side: int = THUMB_SIZE) -> Any:
     scale = min(1.0, short_side / max(1, min(w, h)))
     if scale >= 1.0:
         return x
-    return _resize(x, max(1, round(h * scale)), max(1, round(w * scale)), "bicubic")
+    return _resize(x, max(1, round(h * scale)), max(1, round(w * scale)), "bilinear")  # as make_thumbnail
 
 
 def _draft(x: Any, scale: int) -> Any:

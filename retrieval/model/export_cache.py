@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from retrieval.config import CACHE_ENV as CACHE_ENV  # the setting lives with the other defaults
+from retrieval.config import cache_root as cache_root
 from retrieval.errors import ExportBusy
 from retrieval.model.spec import Fingerprint
 
@@ -36,19 +38,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: exporters are not serialised, installs stay atomic
     fcntl = None  # type: ignore[assignment]
 
-CACHE_ENV = "CROSSMODAL_CACHE"
 EXPORT_VERSION = 2  # 2: token-feature outputs for the reranker
 EXPORT_WAIT_S = 600.0  # how long `crossmodal index` waits for another process's export of the same model
-
-
-def cache_root() -> Path:
-    """$CROSSMODAL_CACHE, else the user's cache folder for crossmodal."""
-    raw = os.environ.get(CACHE_ENV, "")
-    if raw:
-        return Path(raw).expanduser().absolute()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("crossmodal", appauthor=False))
 
 
 def exports_root() -> Path:

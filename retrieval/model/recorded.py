@@ -206,6 +206,7 @@ def predicted_preprocess(model: str | None, pretrained: str | None) -> Preproces
     loaded model's own preprocessing decides (ModelOnDemand.guessed); None when no export matches."""
     if not model or not pretrained:
         return None
+    model = asked_model(model)[0]  # a custom config's registered name
     spec = ModelSpec(name=model, pretrained=pretrained)
     if spec.pretrained_is_file():
         path = Path(pretrained).expanduser().resolve()

@@ -15,7 +15,7 @@ from typing import Any
 
 from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from retrieval.errors import UserError
-from retrieval.hardware import cpu_has_fast_bf16
+from retrieval.hardware import cpu_has_fast_bf16, no_accelerator_possible
 from retrieval.model.custom_config import CustomConfig
 from retrieval.model.weights import file_sha256
 
@@ -96,10 +96,12 @@ class Fingerprint:
 
 def resolve_device(device: str) -> str:
     """auto -> cuda, then mps, then cpu; an explicit device that is absent is a user error."""
-    import torch
-
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    if device == "cpu" or (device == "auto" and no_accelerator_possible()):
+        return "cpu"  # decided without importing torch
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"

@@ -1,0 +1,95 @@
+"""The model behind `index` and `add-texts`: loaded now, on demand, or in the background; recorded; exported.
+
+Why a module of its own: which of the three ways a run gets its model decides what an unchanged re-run
+costs (nothing: it never loads), what a new index of a known model costs (its photos decode while the model
+loads), and whether queries start without torch (the ONNX export, once per machine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import typer
+
+from cli.common import err, home
+from retrieval.errors import UserError
+
+if TYPE_CHECKING:
+    from retrieval.model.protocol import Encoder
+    from retrieval.model.recorded import ModelOnDemand
+    from retrieval.model.spec import Fingerprint
+    from retrieval.store import Store
+
+
+def check_int8(precision: str, device: str) -> None:
+    """--precision int8 is an image tower on ONNX Runtime's CPU kernels: refused with another device."""
+    if precision == "int8" and device not in ("auto", "cpu"):
+        raise UserError("--precision int8 runs the image tower on the CPU (ONNX Runtime); drop --device")
+
+
+def model_source(store: Store, model: str | None, pretrained: str | None, device: str, precision: str,
+                 quiet: bool, guess: bool = True) -> Encoder | ModelOnDemand:
+    """The encoder an index run embeds with. An index that records its model's preprocessing gets the model
+    on demand (an unchanged re-run never loads it); a new index whose model the shared export cache knows
+    (and `guess`) starts loading it in the background now and decodes with the export's preprocessing; any
+    other new index loads it now. The model is recorded in the index when it is first used."""
+    from retrieval.model.recorded import (
+        ModelOnDemand,
+        open_model,
+        predicted_preprocess,
+        record_model,
+        recorded_preprocess,
+    )
+
+    check_int8(precision, device)
+    int8 = precision == "int8"  # images on the int8 graph (model/onnx_quant.py); the model itself at auto
+    dev, prec = ("cpu", "auto") if int8 else (device, precision)
+
+    def load() -> Encoder:
+        """Load the model (a background thread may run this: it records nothing)."""
+        return open_model(store, model, pretrained, dev, prec)
+
+    def ready(enc: Encoder) -> Encoder:
+        """Record the loaded model in the index and say which it is (in the thread that embeds)."""
+        record_model(store, enc)
+        if int8:
+            from retrieval.model.onnx_quant import Int8ImageEncoder
+
+            enc = Int8ImageEncoder(enc, store.home, None if quiet else err, lambda m: err(f"warning: {m}"))
+        if not quiet:
+            typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)
+        return enc
+
+    pre = recorded_preprocess(store) if store.fingerprint is not None else None
+    if pre is not None:
+        return ModelOnDemand(load, pre, dev, ready)
+    guessed = predicted_preprocess(model, pretrained) if guess and store.fingerprint is None else None
+    if guessed is None:
+        return ready(load())
+    source = ModelOnDemand(load, guessed, dev, ready, guessed=True)
+    source.prefetch()  # a new index has something to embed: load while the store opens and files decode
+    return source
+
+
+def export_for_queries(fp: Fingerprint, encoder: Callable[[], Encoder], quiet: bool) -> None:
+    """Export the model to ONNX once per machine (the per-user cache every home shares) so queries start
+    without torch; never fails the command. The model is loaded for it only when there is no export yet, and
+    a home whose model another home already exported pays nothing."""
+    from retrieval.model.export_cache import unsupported_marker
+    from retrieval.model.onnx_encoder import OnnxEncoder
+    from retrieval.query.open import default_backend
+
+    if default_backend() == "torch" or unsupported_marker(fp).is_file():
+        return
+    if OnnxEncoder.open(home(), fp) is not None:
+        return
+    from retrieval.model.onnx_export import ensure_export
+
+    def start() -> None:
+        if not quiet:
+            err("exporting the model to ONNX for fast queries (once per model on this machine, shared by every "
+                "index)")
+
+    ensure_export(encoder(), home(), lambda msg: err(f"warning: {msg}"), on_start=start,
+                  on_wait=None if quiet else err)

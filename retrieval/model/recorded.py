@@ -252,10 +252,6 @@ class ModelOnDemand:
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
 
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
     def if_loaded(self) -> Encoder | None:
         """The model if it is in memory and ready already, else None (never loads it)."""
         return self._model

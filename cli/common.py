@@ -110,8 +110,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 RERANK_K = 32  # retrieval.rerank.reranker.DEFAULT_RERANK_K, without importing it at start-up
 RerankOpt = Annotated[bool | None, typer.Option(
     "--rerank/--no-rerank",
-    help="Reorder the dense top --rerank-k with co-attention over token features (default: on where the "
-         "model supports it).")]
+    help="Reorder the dense top --rerank-k with co-attention over token features (default: on when the index "
+         "records a trained reranker, see train-reranker; --rerank uses the parameter-free scorer otherwise).")]
+MinScoreOpt = Annotated[str | None, typer.Option(
+    "--min-score", help="Hide results below this calibrated relevance: 'auto' (the threshold the quality lab "
+                        "fitted) or a number on the scale of the relevance column. Text->image and image->text.")]
 RerankKOpt = Annotated[int, typer.Option("--rerank-k", min=1, max=1000, help="How many dense results to rerank.")]
 ExactOpt = Annotated[bool, typer.Option("--exact", help="Exact search even when an ANN index exists.")]
 NprobeOpt = Annotated[int | None, typer.Option(

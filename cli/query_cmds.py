@@ -16,6 +16,7 @@ from cli.common import (
     ExactOpt,
     JsonOpt,
     KOpt,
+    MinScoreOpt,
     ModelOpt,
     NprobeOpt,
     PrecisionOpt,
@@ -68,13 +69,33 @@ def _ann_options(searcher: Searcher, exact: bool, nprobe: int | None, ef_search:
         searcher.store.query_options = QueryOptions(exact=exact, nprobe=nprobe, ef_search=ef_search)
 
 
+def _cut(hits: list[Hit], threshold: float, searcher: Searcher, why_not: str | None) -> list[Hit]:
+    """The image hits whose calibrated relevance reaches `threshold` (all of them, with a note, for queries the
+    calibration does not cover)."""
+    from retrieval.query.cutoff import Relevance, split_by
+
+    if why_not is not None:
+        err(f"note: --min-score is not applied to {why_not} (it calibrates text against photos)")
+        return hits
+    kept, weaker = split_by(Relevance(searcher).images(hits), threshold)
+    _note_weaker(len(weaker), threshold, False)
+    return kept
+
+
+def _note_weaker(n: int, threshold: float, quiet: bool) -> None:
+    if n and not quiet:
+        err(f"{n} weaker match{'es' if n > 1 else ''} hidden (relevance below {threshold:.2f}; "
+            f"a lower --min-score shows {'them' if n > 1 else 'it'})")
+
+
 def _hit_json(h: Hit, *fields: str) -> dict[str, object]:
     """A hit as JSON: rank, id, score, the dense rank and score, then the item's `fields`; a path is shown
     with U+FFFD for bytes that are not UTF-8, plus `path_bytes` (base64) for such names (store/paths.py)."""
     from retrieval.store.paths import path_json
 
     out: dict[str, object] = {"rank": h.rank, "id": h.id, "score": h.score, "dense_score": h.dense_score,
-                              "dense_rank": h.dense_rank}
+                              "dense_rank": h.dense_rank,
+                              **({"relevance": h.relevance} if h.relevance is not None else {})}
     for f in fields:
         out.update(path_json(h.item.path) if f == "path" and h.item.path is not None else {f: getattr(h.item, f)})
     return out
@@ -113,11 +134,18 @@ def search(
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef_search: EfSearchOpt = None,
+    min_score: MinScoreOpt = None,
+    sort: Annotated[str, typer.Option(
+        "--sort", help="score | date: the order of the results kept (date: capture time, newest first).")] = "score",
     json_out: JsonOpt = False,
 ) -> None:
     """Find images by text, by example image, or both fused; optionally filtered.
 
-    Text queries rerank the dense top --rerank-k by co-attention over token features (--no-rerank: off).
+    Text queries rerank the dense top --rerank-k by co-attention over token features when the index records a
+    trained reranker (--rerank: also with the parameter-free scorer; --no-rerank: never).
+
+    --min-score hides results that are not about a text query (calibrated relevance, see README "Quality");
+    --sort date then lists what is left newest first.
 
     Dates are the EXIF capture time, or the file time for images without one.
 
@@ -134,14 +162,18 @@ def search(
       crossmodal search "birthday cake" --after 2023-01-01 --before 2024-01-01 --under ~/Pictures --camera pixel
 
       crossmodal search "a lighthouse" --nprobe 64     (or --ef-search 256, or --exact)
+
+      crossmodal search "fireworks" -k 50 --min-score auto --sort date
     """
     from retrieval.media.decode import is_raw_name
+    from retrieval.query.cutoff import check_sort, parse_min_score, sort_hits
     from retrieval.rerank.reranker import open_reranker
     from retrieval.store import ImageFilter
     from retrieval.store.paths import display_path, to_catalog
 
     if (query is None or not query.strip()) and image is None:
         raise UserError("give a text query, an --image, or both (see `crossmodal search --help`)")
+    threshold, sort = parse_min_score(min_score), check_sort(sort)
     flt = ImageFilter(under=to_catalog(os.path.abspath(under.expanduser())) if under else None, after=after,
                       before=before, camera=camera)
     _check_dates(flt)
@@ -153,11 +185,17 @@ def search(
                              image_raw=image is not None and is_raw_name(str(image)), with_tokens=reranker is not None)
     hits = (reranker.search_images(q, k, flt, rerank_k) if reranker is not None
             else searcher.search_images(q.vector, k, flt))
+    if threshold is not None:
+        hits = _cut(hits, threshold, searcher,
+                    None if image is None and query and query.strip() else "a query with an --image")
+    hits = sort_hits(hits, sort)
     if json_out:
         print_json([_hit_json(h, "path", "width", "height") for h in hits])
         return
-    table(f"{len(hits)} images", ["rank", "score", "path"],
-          [[str(h.rank), f"{h.score:.4f}", display_path(h.item.path or "")] for h in hits])
+    rel = any(h.relevance is not None for h in hits)
+    table(f"{len(hits)} images", ["rank", "score", *(["relevance"] if rel else []), "path"],
+          [[str(h.rank), f"{h.score:.4f}", *([f"{h.relevance:.2f}"] if rel and h.relevance is not None else []),
+            display_path(h.item.path or "")] for h in hits])
 
 
 @handle_errors
@@ -176,11 +214,14 @@ def caption(
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef_search: EfSearchOpt = None,
+    min_score: MinScoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Find the captions that best describe an image (from your corpora, else ImageNet class prompts).
 
-    The dense top --rerank-k captions are reranked by co-attention over token features (--no-rerank: off).
+    The dense top --rerank-k captions are reranked by co-attention over token features when the index records
+    a trained reranker (--rerank: also with the parameter-free scorer). --min-score hides captions that are not
+    about the image (calibrated relevance).
 
     Examples:
 
@@ -189,10 +230,14 @@ def caption(
       crossmodal caption photo.jpg --corpus alt-texts --json
 
       crossmodal caption photo.jpg --ef-search 256     (or --nprobe 64, or --exact)
+
+      crossmodal caption photo.jpg -k 20 --min-score auto
     """
     from retrieval.media.decode import is_raw_name
+    from retrieval.query.cutoff import parse_min_score
     from retrieval.rerank.reranker import open_reranker
 
+    threshold = parse_min_score(min_score)
     data = _image_bytes(image)
     searcher = _open(model, pretrained, device, precision, backend)
     _ann_options(searcher, exact, nprobe, ef_search)
@@ -203,11 +248,19 @@ def caption(
     reranker = open_reranker(searcher, rerank, err)
     hits = (reranker.caption(data, k, corpus, rerank_k, raw=raw) if reranker is not None
             else searcher.caption(data, k, corpus, raw=raw))
+    if threshold is not None:
+        from retrieval.query.cutoff import Relevance, split_by
+
+        hits, weaker = split_by(Relevance(searcher).captions(searcher.query_vector(image=data, image_raw=raw),
+                                                              hits), threshold)
+        _note_weaker(len(weaker), threshold, json_out)
     if json_out:
         print_json([_hit_json(h, "text", "corpus") for h in hits])
         return
-    table(f"captions for {image}", ["rank", "score", "text", "corpus"],
-          [[str(h.rank), f"{h.score:.4f}", h.item.text or "", h.item.corpus or ""] for h in hits])
+    rel = any(h.relevance is not None for h in hits)
+    table(f"captions for {image}", ["rank", "score", *(["relevance"] if rel else []), "text", "corpus"],
+          [[str(h.rank), f"{h.score:.4f}", *([f"{h.relevance:.2f}"] if rel and h.relevance is not None else []),
+            h.item.text or "", h.item.corpus or ""] for h in hits])
 
 
 @handle_errors

@@ -27,7 +27,7 @@ os.environ["CROSSMODAL_CACHE"] = TEST_CACHE  # set, not defaulted: never the use
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
-pytest_plugins = ["tests.fixtures"]
+pytest_plugins = ["tests.fixtures", "tests.lab_fixtures"]
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -40,10 +40,10 @@ def test_onnx_queries_import_no_sqlalchemy(home: Path, photos) -> None:
     SQLAlchemy alone would cost 0.3-0.4 s of the 1 s `search --no-rerank` budget."""
     onnx = ("--backend", "onnx")
     for args in (["search", "red circles", "-k", "3", "--no-rerank", *onnx],
-                 ["search", "red circles", "-k", "3", "--json", *onnx],  # reranked (the default)
+                 ["search", "red circles", "-k", "3", "--json", "--rerank", *onnx],  # reranked
                  ["search", "red circles", "-k", "3", "--after", "2000-01-01", "--under", str(photos["root"]),
                   "--camera", "x", "--no-rerank", "--json", *onnx],
-                 ["caption", str(photos["img01"]), "-k", "2", "--corpus", "alpha", *onnx],
+                 ["caption", str(photos["img01"]), "-k", "2", "--corpus", "alpha", "--rerank", *onnx],
                  ["caption", str(photos["img01"]), "-k", "2", "--no-rerank", "--json", *onnx],
                  ["info"], ["info", "--json"]):
         mods, r = _imported(*args, home=home)

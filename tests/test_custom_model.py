@@ -225,7 +225,7 @@ def test_index_search_caption_info_with_a_custom_config(custom_home: tuple[Path,
                                                         tmp_path: Path) -> None:
     home, used, moved = custom_home
     config = read_config(moved)
-    hits = ok(run_cli("search", "red circles", "-k", "3", "--json", "--backend", "onnx", home=home))
+    hits = ok(run_cli("search", "red circles", "-k", "3", "--json", "--rerank", "--backend", "onnx", home=home))
     assert len(hits) == 3  # --backend onnx: the export exists and answers (reranked with its token outputs)
     info = ok(run_cli("info", "--json", home=home))
     assert info["model"] == config.name and info["dim"] == 64 and info["images"] == GOOD

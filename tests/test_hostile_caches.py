@@ -99,7 +99,7 @@ def _search(home: Path, encoder, rerank: bool = True, **kwargs):  # noqa: ANN001
     s = (open_index(home, reuse=encoder, notify=lines.append) if encoder is not None
          else open_index(home, device="cpu", notify=lines.append))
     try:
-        rr = open_reranker(s, None, lines.append) if rerank else None
+        rr = open_reranker(s, True, lines.append) if rerank else None
         q = s.embed_query(text=kwargs.get("text", TEXT), image=kwargs.get("image"), with_tokens=rr is not None)
         hits = rr.search_images(q, GOOD, rerank_k=32) if rr is not None else s.search_images(q.vector, GOOD)
         return hits, lines, s.encoder
@@ -202,16 +202,16 @@ def test_cli_search_answers_over_a_truncated_segment(home: Path, tmp_path) -> No
     for p in (missing / "tokens" / folder / "image").glob(seg.name.split(".")[0] + ".*"):
         p.unlink()
     _cut(seg)
-    want = json.loads(run_cli("search", TEXT, "--json", home=home).stdout)
-    without = json.loads(run_cli("search", TEXT, "--json", home=missing).stdout)
-    got = run_cli("search", TEXT, "--json", home=copy)
+    want = json.loads(run_cli("search", TEXT, "--json", "--rerank", home=home).stdout)
+    without = json.loads(run_cli("search", TEXT, "--json", "--rerank", home=missing).stdout)
+    got = run_cli("search", TEXT, "--json", "--rerank", home=copy)
     assert got.returncode == 0, got.stderr
     hits = json.loads(got.stdout)
     assert [h["id"] for h in hits] == [h["id"] for h in without]
     assert sorted((h["id"], h["dense_rank"]) for h in hits) == sorted((h["id"], h["dense_rank"]) for h in want)
     notes = [ln for ln in got.stderr.splitlines() if ln.strip()]
     assert len(notes) == 1 and "damaged" in notes[0], got.stderr
-    again = run_cli("search", TEXT, "--json", home=copy)
+    again = run_cli("search", TEXT, "--json", "--rerank", home=copy)
     assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
     assert [h["id"] for h in json.loads(again.stdout)] == [h["id"] for h in hits]
 

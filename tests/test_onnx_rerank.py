@@ -174,16 +174,18 @@ def _heavy(stderr: str) -> str:
 def test_reranked_cli_queries_import_no_torch(home: Path, photos, encoder) -> None:
     env = {"CROSSMODAL_DEBUG_IMPORTS": "1", "CROSSMODAL_BACKEND": "auto"}
     text = "a dog running on a beach"
-    r = run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=env)
+    r = run_cli("search", text, "-k", str(GOOD), "--json", "--rerank", home=home, env=env)
     assert r.returncode == 0, r.stderr
     assert _heavy(r.stderr) == "none"
     got = json.loads(r.stdout)
-    torch_cli = run_cli("search", text, "-k", str(GOOD), "--json", "--backend", "torch", home=home, env=env)
+    torch_cli = run_cli("search", text, "-k", str(GOOD), "--json", "--rerank", "--backend", "torch", home=home,
+                        env=env)
     assert torch_cli.returncode == 0 and "torch" in _heavy(torch_cli.stderr), torch_cli.stderr
     assert [h["id"] for h in got] == [h["id"] for h in json.loads(torch_cli.stdout)]
     assert [h["rank"] for h in got] != [h["dense_rank"] for h in got]  # reranked, not the dense order
 
-    r = run_cli("caption", str(photos["img02"]), "--corpus", "alpha", "-k", "8", "--json", home=home, env=env)
+    r = run_cli("caption", str(photos["img02"]), "--corpus", "alpha", "-k", "8", "--json", "--rerank", home=home,
+                env=env)
     assert r.returncode == 0 and _heavy(r.stderr) == "none", r.stderr
     tc = open_index(home, device="cpu", precision="fp32", backend="torch")
     try:
@@ -262,7 +264,8 @@ def test_missing_onnxruntime_reranks_on_torch_with_one_line(home: Path, monkeypa
 @pytest.mark.subprocess
 def test_export_without_token_outputs_reranks_like_an_unsupported_model(home: Path, tmp_path, encoder,
                                                                         linked_cache) -> None:
-    """An export whose model has no token features says why; the CLI shows dense results with one note."""
+    """An export whose model has no token features says why when reranking is asked for (one line, exit 2);
+    the default (no trained reranker recorded) shows the dense results without a word."""
     copy = tmp_path / "h"
     shutil.copytree(home, copy)
     meta_path = export_dir(encoder.fingerprint) / "export.json"  # a copy in this test's cache (linked_cache)
@@ -272,7 +275,9 @@ def test_export_without_token_outputs_reranks_like_an_unsupported_model(home: Pa
     r = run_cli("search", "red circles", "-k", "4", "--json", home=copy, env={"CROSSMODAL_DEBUG_IMPORTS": "1"})
     assert r.returncode == 0, r.stderr
     notes = [ln for ln in r.stderr.splitlines() if "heavy imports" not in ln]
-    assert len(notes) == 1 and "ViT image tower (test)" in notes[0] and "dense" in notes[0]
-    assert _heavy(r.stderr) == "none"
+    assert notes == [] and _heavy(r.stderr) == "none"
     dense = run_cli("search", "red circles", "-k", "4", "--json", "--no-rerank", home=copy)
     assert [h["id"] for h in json.loads(r.stdout)] == [h["id"] for h in json.loads(dense.stdout)]
+    asked = run_cli("search", "red circles", "-k", "4", "--json", "--rerank", home=copy)
+    lines = asked.stderr.strip().splitlines()
+    assert asked.returncode == 2 and len(lines) == 1 and "ViT image tower (test)" in lines[0], asked.stderr

@@ -1,4 +1,5 @@
-"""The reranker from the command line, in subprocesses: default on, --no-rerank is the dense search, the set
+"""The reranker from the command line, in subprocesses: dense by default without a trained reranker, --rerank
+runs the parameter-free scorer, a recorded reranker turns it on by default, --no-rerank is the dense search, the set
 never changes, set-reranker records a trained file, eval and train-reranker run end to end. (Caption reranking
 is checked in-process in test_rerank_cache.py.)"""
 
@@ -38,10 +39,12 @@ def _oracle(home, modality: str, q: np.ndarray, k: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_search_reranks_by_default_and_no_rerank_is_dense(home, encoder):
+def test_search_is_dense_by_default_and_rerank_reorders_the_same_set(home, encoder):
     text = "a dog running on a beach"
-    reranked = ok(run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=TORCH))
+    reranked = ok(run_cli("search", text, "-k", str(GOOD), "--json", "--rerank", home=home, env=TORCH))
     dense = ok(run_cli("search", text, "-k", str(GOOD), "--json", "--no-rerank", home=home, env=TORCH))
+    default = ok(run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=TORCH))
+    assert default == dense  # no trained reranker recorded: the parameter-free scorer is opt-in
     assert [h["id"] for h in dense] == _oracle(home, "image", encoder.encode_texts([text])[0], GOOD)
     assert all(h["dense_rank"] == h["rank"] and h["dense_score"] == h["score"] for h in dense)
     assert sorted(h["id"] for h in reranked) == sorted(h["id"] for h in dense)  # same set, new order
@@ -76,6 +79,11 @@ def test_set_reranker_records_file_and_refuses_other_models(home, encoder, tmp_p
     with Store.open(home) as store:  # queries now use the learned parameters
         rr = Reranker.open(Searcher(store, encoder))
         assert not rr.scorer.identity and np.array_equal(rr.scorer.w["w_q_text"], scorer.w_q_text.detach().numpy())
+    text = "a dog running on a beach"  # and rerank by default
+    default = ok(run_cli("search", text, "-k", str(GOOD), "--json", home=home, env=TORCH))
+    dense = ok(run_cli("search", text, "-k", str(GOOD), "--json", "--no-rerank", home=home, env=TORCH))
+    assert sorted(h["id"] for h in default) == sorted(h["id"] for h in dense)
+    assert [h["score"] for h in default] != [h["score"] for h in dense]  # the learned scores, not the dense ones
 
     wrong = tmp_path / "wrong.safetensors"
     save_params(CoAttentionScorer(64, heads=4), wrong)

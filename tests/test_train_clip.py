@@ -2,7 +2,8 @@
 over chance with relevance by scene), it is deterministic, its hard negatives are false of their scenes, its
 loss is open_clip's, and what it saves runs through the whole CLI (index, search on ONNX, eval).
 
-One small run (300 steps of a 48 px model on 800 pictures of 64-96 px) is shared by the slow tests.
+One small run (300 steps of a 48 px model on 800 pictures of 64-96 px, tests/lab_fixtures.py) is shared by the
+slow tests here and in tests/test_quality_lab.py.
 """
 
 from __future__ import annotations
@@ -18,45 +19,12 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, run_cli
+from tests.lab_fixtures import N_IMAGES, SMALL_CFG
 from training.clip_data import load_scenes, shift_batch
 from training.clip_metrics import chance_at_k, recall
 from training.scene_captions import caption_negatives
 from training.scene_graph import satisfies
-from training.scenes import generate
 from training.train_clip import Batches, TrainConfig, main, train
-
-SMALL_CFG: dict[str, Any] = {  # 48 px input, 8 px patches, two thin towers: trains in seconds on 2 cores
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 48, "layers": 2, "width": 96, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-# One thread: tests share the machine with other work, where two OpenMP threads on two cores can run 15x slower.
-N_IMAGES = {"train": 640, "val": 80, "test": 80}
-RUN = TrainConfig(steps=300, batch=64, lr=2e-3, warmup=30, eval_every=100, seed=0, threads=1)
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("train-clip") / "scenes"
-    generate(out, sum(N_IMAGES.values()), seed=0, size_range=(64, 96))
-    return out
-
-
-@pytest.fixture(scope="module")
-def small_cfg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("train-clip-cfg") / "small.json"
-    path.write_text(json.dumps(SMALL_CFG))
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, scenes: Path, small_cfg: Path) -> tuple[Path, dict[str, Any]]:
-    """(output folder, log) of the shared small run."""
-    out = tmp_path_factory.mktemp("train-clip-run") / "model"
-    events: list[str] = []
-    log = train(scenes, out, RUN, small_cfg, on_event=lambda kind, info: events.append(kind))
-    assert events.count("eval") == 3 and events[-1] == "done"  # steps 0, 100, 200, then the final one
-    return out, log
 
 
 # ---- pieces ----------------------------------------------------------------------------------------

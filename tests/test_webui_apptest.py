@@ -28,14 +28,18 @@ def oracle(webui_home: Path):
     s.store.close()
 
 
-def page(home: Path, monkeypatch: pytest.MonkeyPatch, k: int | None = K, rerank: bool = False) -> AppTest:
-    """The page, with reranking off unless asked (most tests compare with the dense oracle)."""
+def page(home: Path, monkeypatch: pytest.MonkeyPatch, k: int | None = K, rerank: bool = False,
+         hide_weaker: bool = False) -> AppTest:
+    """The page, with reranking and the relevance cutoff off unless asked (most tests compare with the dense
+    oracle)."""
     monkeypatch.setenv("CROSSMODAL_HOME", str(home))
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.run()
     assert not at.exception, at.exception
-    if at.toggle and not rerank and at.toggle(key="rerank").value:
-        at.toggle(key="rerank").set_value(False).run()
+    if at.toggle and at.toggle(key="rerank").value != rerank:
+        at.toggle(key="rerank").set_value(rerank).run()
+    if at.toggle and at.toggle(key="hide_weaker").value != hide_weaker:
+        at.toggle(key="hide_weaker").set_value(hide_weaker).run()
     if k is not None:
         at.select_slider(key="k").set_value(k).run()
     return at
@@ -243,14 +247,16 @@ def test_date_filter(webui_home: Path, monkeypatch: pytest.MonkeyPatch, after, u
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_rerank_on_by_default_reorders_the_same_candidates(webui_home: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           oracle) -> None:
+def test_rerank_is_opt_in_without_a_trained_reranker_and_reorders_the_same_candidates(
+        webui_home: Path, monkeypatch: pytest.MonkeyPatch, oracle) -> None:
     from retrieval.rerank.reranker import Reranker
 
     monkeypatch.setenv("CROSSMODAL_HOME", str(webui_home))
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.run()
-    assert at.toggle(key="rerank").value is True
+    assert at.toggle(key="rerank").value is False  # no trained reranker recorded in this index
+    at.toggle(key="rerank").set_value(True).run()
+    at.toggle(key="hide_weaker").set_value(False).run()
     at.select_slider(key="k").set_value(48).run()
     at.text_input(key="query").input("shapes").run()
     ok(at)
@@ -259,6 +265,33 @@ def test_rerank_on_by_default_reorders_the_same_candidates(webui_home: Path, mon
     want = [h.id for h in Reranker.open(oracle).search_images(q, 48)]
     dense = [h.id for h in oracle.search_images(q.vector, 48)]
     assert got == want and sorted(got) == sorted(dense)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_weaker_matches_fold_away_and_newest_first_sorts_the_rest(webui_home: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, oracle) -> None:
+    """"Hide weaker matches" (on by default) shows the hits whose calibrated relevance reaches the cutoff, the
+    rest under "Show N weaker matches"; "Newest first" orders the kept ones by date (oracle: cutoff.py)."""
+    from retrieval.query.cutoff import Relevance, sort_hits, split_by
+
+    hits = oracle.search_images(oracle.embed_query(text="shapes").vector, 48)
+    z = sorted(h.relevance for h in Relevance(oracle).images(hits))
+    cut = (z[len(z) // 3] + z[len(z) // 3 + 1]) / 2  # random weights: a threshold that splits these hits
+    monkeypatch.setattr("webui.services.AUTO_MIN_SCORE", cut)
+    kept, weaker = split_by(Relevance(oracle).images(hits), cut)
+    assert kept and weaker
+    at = page(webui_home, monkeypatch, k=48, hide_weaker=True)
+    assert at.toggle(key="hide_weaker").value is True
+    at.text_input(key="query").input("shapes").run()
+    ok(at)
+    assert opened_ids(at, "Search") == [h.id for h in kept]
+    assert opened_ids(at, "weaker-Search") == [h.id for h in weaker]
+    assert f"Show {len(weaker)} weaker matches" in [e.label for e in at.expander]
+    at.radio(key="sort").set_value("Newest first").run()
+    ok(at)
+    assert opened_ids(at, "Search") == [h.id for h in sort_hits(kept, "date")]
+    assert opened_ids(at, "weaker-Search") == [h.id for h in weaker]
 
 
 @pytest.mark.slow

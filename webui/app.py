@@ -147,20 +147,27 @@ def image_results(scope: str, s: Searcher, opts: Options, q: np.ndarray, pages: 
     if not hits:
         st.info("No images match these filters." if flt else "No images found.")
         return
-    ui.result_grid(services.cells(hits, s.store.home), scope, on_open=open_detail)
+    # The cutoff calibrates words against photos: text searches only (not image or composed queries).
+    kept, weaker = services.cut_images(s, sig, hits, opts.hide_weaker and scope == "Search" and bool(text.strip()),
+                                       opts.sort)
+    if kept:
+        ui.result_grid(services.cells(kept, s.store.home), scope, on_open=open_detail)
+    else:
+        st.info("No result passes the relevance cutoff; the weaker matches are below.")
+    ui.weaker_grid(services.cells(weaker, s.store.home), scope, on_open=open_detail)
     ui.more_button(scope, len(hits), exhausted=len(hits) < pages * opts.k, on_more=more)
 
 
 def show_results(mode: str, s: Searcher, sig: str, opts: Options, query: Query) -> None:
     pages = pages_for(mode, query, opts)
     if st.session_state.get("detail") is not None:
-        return show_detail(s, opts, st.session_state["detail"])
+        return show_detail(s, sig, opts, st.session_state["detail"])
     q = vector(s, sig, query)
     if mode == "Image":
         left, right = st.columns([1, 2])
         with left:
             st.subheader("Best captions")
-            ui.caption_list(services.captions(s, q))
+            ui.caption_list(*services.captions(s, q, signature=sig, hide_weaker=opts.hide_weaker))
         with right:
             st.subheader("Most similar images")
             image_results(mode, s, opts, q, pages)
@@ -168,14 +175,14 @@ def show_results(mode: str, s: Searcher, sig: str, opts: Options, query: Query) 
         image_results(mode, s, opts, q, pages, text=query.text or "", sig=sig)
 
 
-def show_detail(s: Searcher, opts: Options, item_id: int) -> None:
+def show_detail(s: Searcher, sig: str, opts: Options, item_id: int) -> None:
     ui.back_button(close_detail)
     ui.detail_header(services.detail(s, item_id), on_compose=use_in_compose)
     stored = s.store.vector("image", item_id)
     left, right = st.columns([1, 2])
     with left:
         st.subheader("Best captions")
-        ui.caption_list(services.captions(s, stored))
+        ui.caption_list(*services.captions(s, stored, signature=sig, hide_weaker=opts.hide_weaker))
     with right:
         st.subheader("More like this")
         hits = s.more_like(item_id, opts.k, opts.image_filter())
@@ -195,7 +202,8 @@ def main() -> None:
     if s is None or index.problem:
         ui.no_index(str(home), index.problem or "", index.needs_index, sidebar=s is None)
         return
-    opts = ui.options_sidebar(services.folders(s, sig), services.cameras(s, sig))
+    summary = services.summary(s, sig)
+    opts = ui.options_sidebar(services.folders(s, sig), services.cameras(s, sig), summary.trained_reranker)
     mode = ui.mode_picker(on_change=close_detail)
     with ui.guard("searching"):
         query = INPUTS[mode](s, sig)

@@ -105,7 +105,7 @@ def no_index(home: str, problem: str, needs_index: bool, sidebar: bool = True) -
             f"crossmodal --home {home} add-texts captions.txt", language="bash")
 
 
-def options_sidebar(folders: Sequence[str], cameras: Sequence[str] = ()) -> Options:
+def options_sidebar(folders: Sequence[str], cameras: Sequence[str] = (), trained_reranker: bool = False) -> Options:
     """Filters and options (camera only when the catalog knows cameras)."""
     st.sidebar.header("Filters")
     under = st.sidebar.selectbox("Folder", ["All folders", *folders], key="folder", format_func=display_path,
@@ -119,12 +119,20 @@ def options_sidebar(folders: Sequence[str], cameras: Sequence[str] = ()) -> Opti
         camera = None if pick == "All cameras" else pick
     st.sidebar.header("Options")
     k = st.sidebar.select_slider("Results per page", K_CHOICES, value=12, key="k")
-    rerank = st.sidebar.toggle("Rerank top results", value=True, key="rerank",
+    hide = st.sidebar.toggle("Hide weaker matches", value=True, key="hide_weaker",
+                             help="Text searches and captions: results whose calibrated relevance is below the "
+                                  "threshold the quality lab fitted go under 'Show weaker matches'.")
+    sort = st.sidebar.radio("Order", ("Best match", "Newest first"), key="sort", horizontal=True,
+                            help="Newest first: the results kept, by capture date (EXIF, else file date).")
+    rerank = st.sidebar.toggle("Rerank top results", value=trained_reranker, key="rerank",
                                help="Reorder the top 32 of text queries by co-attention between the words and "
-                                    "image patches (same candidates, new order).")
+                                    "image patches (same candidates, new order). On by default when the index "
+                                    "records a trained reranker; otherwise the parameter-free scorer, which the "
+                                    "quality lab measured below plain ranking.")
     return Options(k=int(k), under=None if under == "All folders" else under,
                    after=after if isinstance(after, date) else None,
-                   until=until if isinstance(until, date) else None, rerank=bool(rerank), camera=camera)
+                   until=until if isinstance(until, date) else None, rerank=bool(rerank), camera=camera,
+                   hide_weaker=bool(hide), sort="date" if sort == "Newest first" else "score")
 
 
 def mode_picker(on_change: Callable[[], None]) -> str:
@@ -184,12 +192,23 @@ def more_button(scope: str, shown: int, exhausted: bool, on_more: Callable[[str]
         st.button("More results", key=f"more-{scope}", on_click=on_more, args=(scope,))
 
 
-def caption_list(rows: Sequence[tuple[str, str, float]]) -> None:
-    """Best captions with their corpus and score."""
+def caption_list(rows: Sequence[tuple[str, str, float]], weaker: Sequence[tuple[str, str, float]] = ()) -> None:
+    """Best captions with their corpus and score; those below the relevance cutoff in an expander."""
     if not rows:
-        st.caption("No captions.")
+        st.caption("No captions above the relevance cutoff." if weaker else "No captions.")
     for text, corpus, score in rows:
         st.markdown(f"{_md(text)}  \n:gray[{_md(corpus)} · {score:.3f}]")
+    if weaker:
+        with st.expander(f"Show {len(weaker)} weaker match{'es' if len(weaker) > 1 else ''}"):
+            for text, corpus, score in weaker:
+                st.markdown(f"{_md(text)}  \n:gray[{_md(corpus)} · {score:.3f}]")
+
+
+def weaker_grid(items: Sequence[Cell], scope: str, on_open: Callable[[int], None]) -> None:
+    """Results below the relevance cutoff, folded away."""
+    if items:
+        with st.expander(f"Show {len(items)} weaker match{'es' if len(items) > 1 else ''}"):
+            result_grid(items, f"weaker-{scope}", on_open)
 
 
 def upload_preview(name: str, thumb: bytes) -> None:

@@ -26,7 +26,9 @@ from retrieval.errors import DecodeError, IndexMissing, UserError
 from retrieval.media.thumbnails import thumb_path
 from retrieval.model.protocol import Encoder
 from retrieval.query import open as query_open
+from retrieval.query.cutoff import AUTO_MIN_SCORE, Relevance, sort_hits, split_by
 from retrieval.query.search import Hit, QueryVector, Searcher
+from retrieval.rerank.params import recorded_reranker
 from retrieval.rerank.reranker import DEFAULT_RERANK_K, Reranker, open_reranker
 from retrieval.store import CATALOG, ImageFilter
 from retrieval.store.paths import display_path, from_catalog
@@ -52,6 +54,8 @@ class Options:
     until: date | None = None  # inclusive, as people read a date range
     rerank: bool = False
     camera: str | None = None
+    hide_weaker: bool = True  # text queries: results below the relevance cutoff go behind "show weaker matches"
+    sort: str = "score"  # or "date": the kept results newest first
 
     def image_filter(self) -> ImageFilter | None:
         before = (self.until + timedelta(days=1)).isoformat() if self.until else None
@@ -80,6 +84,7 @@ class Summary:
     model: str
     size_bytes: int
     skipped: int
+    trained_reranker: bool = False  # reranking is on by default only with one recorded
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,8 @@ def summary(_searcher: Searcher, signature: str) -> Summary:
     fp = store.fingerprint
     return Summary(home=str(store.home), images=store.count("image"), texts=store.count("text"),
                    corpora=store.corpora(), model=fp.describe() if fp else "none",
-                   size_bytes=store.size_on_disk(), skipped=len(store.skipped()))
+                   size_bytes=store.size_on_disk(), skipped=len(store.skipped()),
+                   trained_reranker=recorded_reranker(store) is not None)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -273,9 +279,32 @@ def image_pages(searcher: Searcher, q: np.ndarray, k: int, flt: ImageFilter | No
     return hits
 
 
-def captions(searcher: Searcher, q: np.ndarray, k: int = CAPTIONS_K) -> list[tuple[str, str, float]]:
-    """(text, corpus, score) of the best captions for an image vector."""
-    return [(h.item.text or "", h.item.corpus or "", h.score) for h in searcher.search_texts(q, k)]
+def captions(searcher: Searcher, q: np.ndarray, signature: str, k: int = CAPTIONS_K,
+             hide_weaker: bool = False) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]]]:
+    """((text, corpus, score) of the best captions for an image vector, those below the relevance cutoff)."""
+    hits = searcher.search_texts(q, k)
+    weaker: list[Hit] = []
+    if hide_weaker:
+        hits, weaker = split_by(relevance(searcher, signature).captions(q, hits), AUTO_MIN_SCORE)
+
+    def rows(hs: Sequence[Hit]) -> list[tuple[str, str, float]]:
+        return [(h.item.text or "", h.item.corpus or "", h.score) for h in hs]
+
+    return rows(hits), rows(weaker)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Calibrating relevance…")
+def relevance(_searcher: Searcher, signature: str) -> Relevance:
+    """The cutoff's calibration for this index (its vocabulary vectors are embedded once, then cached)."""
+    return Relevance(_searcher)
+
+
+def cut_images(searcher: Searcher, signature: str, hits: Sequence[Hit], hide_weaker: bool,
+               sort: str) -> tuple[list[Hit], list[Hit]]:
+    """(kept hits in the chosen order, weaker hits) of a text query; nothing is hidden when not asked."""
+    kept, weaker = (split_by(relevance(searcher, signature).images(hits), AUTO_MIN_SCORE) if hide_weaker
+                    else (list(hits), []))
+    return sort_hits(kept, sort), weaker
 
 
 # ---- thumbnails -----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ class Hit:
     """One ranked result; `item` carries the catalog facts (path and size, or text and corpus).
 
     `dense_rank` / `dense_score` are the rank and score of the dense search; a reranker changes `rank`
-    and `score` and keeps these."""
+    and `score` and keeps these. `relevance` is the calibrated relevance the cutoff reads (cutoff.py), set
+    only when a cutoff asked for it."""
 
     rank: int
     id: int
@@ -30,6 +31,7 @@ class Hit:
     item: ItemView
     dense_rank: int
     dense_score: float
+    relevance: float | None = None
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,15 @@ if TYPE_CHECKING:
 BUILTIN_CORPUS = "builtin:imagenet"
 
 
-def _cache_path(home: Path, fp: Fingerprint) -> Path:
-    key = hashlib.sha256(f"{fp.cache_id()}|v1".encode()).hexdigest()[:16]
-    return home / "vocab" / f"imagenet-{key}.npz"
+def _cache_path(home: Path, fp: Fingerprint, kind: str = "imagenet") -> Path:
+    version = "v1" if kind == "imagenet" else f"{kind}-v1"
+    key = hashlib.sha256(f"{fp.cache_id()}|{version}".encode()).hexdigest()[:16]
+    return home / "vocab" / f"{kind}-{key}.npz"
 
 
-def _read_cache(home: Path, fp: Fingerprint) -> tuple[list[str] | None, np.ndarray] | None:
+def _read_cache(home: Path, fp: Fingerprint, kind: str = "imagenet") -> tuple[list[str] | None, np.ndarray] | None:
     """(texts or None for a cache from before texts were stored, vectors) of a sound cache, else None."""
-    path = _cache_path(home, fp)
+    path = _cache_path(home, fp, kind)
     if not path.is_file():
         return None
     try:
@@ -79,10 +80,28 @@ def builtin_vocabulary(encoder: Encoder, home: Path) -> tuple[list[str], np.ndar
     emb = encoder.encode_texts(prompts, batch_size=256)
     emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
     vectors = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    _write_cache(path, texts, vectors)
+    return texts, vectors
+
+
+def _write_cache(path: Path, texts: list[str], vectors: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, durable=False) as f:  # a cache: rebuilt if a crash loses it
             np.savez(f, vectors=vectors, texts=np.asarray(texts))
     except OSError:
         pass  # a read-only home still answers, it just embeds again next time
-    return texts, vectors
+
+
+def prompt_vocabulary(encoder: Encoder, home: Path) -> np.ndarray:
+    """Unit vectors of the 1,000 prompts "a photo of a {class}." (one each): the relevance cutoff's baseline.
+
+    One prompt per class, not the mean of every template: 1,000 texts embed in seconds on a CPU, so the first
+    query with a cutoff does not wait minutes; cached in the home like the vocabulary."""
+    found = _read_cache(home, encoder.fingerprint, "prompts")
+    if found is not None:
+        return found[1]
+    texts = [f"a photo of a {c}." for c in _zero_shot(encoder)[0]]
+    vectors = np.asarray(encoder.encode_texts(texts, batch_size=256), dtype=np.float32)
+    _write_cache(_cache_path(home, encoder.fingerprint, "prompts"), texts, vectors)
+    return vectors

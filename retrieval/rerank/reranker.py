@@ -195,11 +195,13 @@ class Reranker:
 
 def open_reranker(searcher: Searcher, want: bool | None = None,
                   notify: Callable[[str], None] | None = None) -> Reranker | None:
-    """The index's reranker for `searcher`; None when `want` is False.
+    """The index's reranker for `searcher`, or None for dense results.
 
-    `want` None (the default: rerank where the model supports it) turns a model without token features
-    into dense results and one note through `notify`; `want` True raises TokensUnsupported instead."""
-    if want is False:
+    `want` None (the default) reranks only when the index records a trained reranker: the quality lab
+    measured the parameter-free scorer below dense ranking (README "Quality"), so it runs only when asked for
+    (`want` True). Under the default a model without token features gives dense results and one note through
+    `notify`; `want` True raises TokensUnsupported instead."""
+    if want is False or (want is None and not recorded_reranker(searcher.store)):
         return None
     try:
         return Reranker.open(searcher, notify)

@@ -3,7 +3,8 @@ generated photos, an index built through the library, its copy whose first query
 export cache of its own, then shared through the run's cache), and the page tests' index built through the
 CLI. Per test: `own_cache` (an empty export cache) and `linked_cache` (one holding the first query's export).
 PostgreSQL (marker `postgres`): `pg_server` starts a throwaway cluster once (tests/pg_cluster.py), `new_catalog`
-makes an empty database per call, `built_pg_index` is `built_index` with its catalog in PostgreSQL.
+makes an empty database per call, `built_pg_index` is `built_index` with its catalog in PostgreSQL, and
+`any_catalog` runs a test once per backend (None: SQLite; else a new database's URL).
 
 No network: the model is random-initialised, saved, and loaded back through `--pretrained PATH`, the same
 path users take with their own checkpoints. Results are meaningless semantically; tests check mechanics
@@ -86,6 +87,12 @@ _DB_NUMBERS = itertools.count()
 def new_catalog(pg_server) -> Callable[[], str]:  # noqa: ANN001
     """Makes an empty database per call and returns its catalog URL (postgresql+psycopg://...)."""
     return lambda: pg_server.createdb(f"t{os.getpid()}_{next(_DB_NUMBERS)}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_catalog(request: pytest.FixtureRequest) -> str | None:
+    """A new store's catalog on each backend: None (SQLite in the home) or an empty PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("new_catalog")()
 
 
 @pytest.fixture(scope="session")

@@ -165,7 +165,7 @@ class Store(StoreReads, StoreRepair):
             guards.foreign_catalog(self.catalog, self._reader, found)
             if found == SCHEMA_VERSION:
                 return
-        lost = guards.lost_catalog(self.home)
+        lost = guards.lost_catalog(self.home, self._reader)
         if lost is not None:  # a fresh schema here would orphan every vector file
             raise lost
         from retrieval.store import schema

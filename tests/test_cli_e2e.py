@@ -106,7 +106,8 @@ def test_add_texts_every_format(cli_home, tmp_path):
     assert info["catalog"] == (str(home / "catalog.sqlite") if not pg else  # where the catalog lives
                                (home / "catalog.url").read_text().strip())  # (no password to mask here)
     assert pg or not (home / "catalog.url").exists() and (home / "catalog.sqlite").is_file()
-    assert info == {"home": str(home), "catalog": info["catalog"], "model": TEST_MODEL, "pretrained": info["pretrained"], "dim": 384,
+    assert info == {"home": str(home), "catalog": info["catalog"], "model": TEST_MODEL,
+                    "pretrained": info["pretrained"], "dim": 384,
                     "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2},
                     "vector_index": info["vector_index"],  # its content: tests/test_ann.py
                     "onnx_export": info["onnx_export"],

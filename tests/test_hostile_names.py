@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np

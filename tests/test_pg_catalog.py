@@ -21,7 +21,8 @@ import pytest
 from retrieval.errors import UserError
 from retrieval.model.spec import Fingerprint
 from retrieval.store import ImageRecord, Store, TextRecord
-from retrieval.store.location import ENV, POINTER, mask, parse
+from retrieval.store.catalog_url import mask, parse
+from retrieval.store.location import ENV, POINTER
 from tests.helpers import ROOT, TEST_MODEL, pattern, run_cli, start_cli
 
 pytestmark = pytest.mark.postgres

@@ -19,7 +19,6 @@ from retrieval.fsutil import can_write, folder_problem
 from retrieval.store.records import CATALOG
 
 if TYPE_CHECKING:
-    from retrieval.store.location import CatalogLocation
     from retrieval.store.reader import CatalogReader
 
 VECTOR_FILE = re.compile(r"^(image|text)-(\d+)\.faiss$")
@@ -119,16 +118,3 @@ def catalog_error(home: Path, e: BaseException) -> UserError | None:
                 f"replay ({text}); open the index once where its folder is writable")
         return None  # locked, I/O: not a verdict on the file
     return CatalogDamaged(f"catalog {path} is damaged ({err}); {REPAIR}")
-
-
-def foreign_catalog(where: CatalogLocation, reader: CatalogReader, found: int | None) -> None:
-    """Refuse a PostgreSQL database that already holds another home's catalog, on a home new to it.
-
-    Why: the catalog names vector generations this home does not have; opening would call them lost and
-    `repair` would drop every row. A home that has vector files (a reader elsewhere given the URL by
-    CROSSMODAL_CATALOG) or a catalog with no vectors yet is fine."""
-    if not where.is_postgres or where.pointed or found is None or any(vector_files(where.home).values()):
-        return
-    if any(v not in ("", "0") for k, v in reader.meta().items() if k.startswith("gen.")):
-        raise UserError(f"the database {where.describe()} already holds the catalog of another index, whose "
-                        f"vectors are not in {where.home}; give an empty database, or use that index's home")

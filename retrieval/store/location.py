@@ -13,13 +13,13 @@ Standard library only (query processes import it); the backend modules load when
 from __future__ import annotations
 
 import os
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import UserError
 from retrieval.fsutil import atomic_write
+from retrieval.store.catalog_url import mask, parse
 from retrieval.store.records import CATALOG
 
 if TYPE_CHECKING:
@@ -28,44 +28,6 @@ if TYPE_CHECKING:
 
 POINTER = "catalog.url"
 ENV = "CROSSMODAL_CATALOG"
-PG_SCHEMES = ("postgresql+psycopg", "postgresql", "postgres")
-FORMS = "postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or sqlite (a catalog.sqlite in the home)"
-
-
-def mask(url: str) -> str:
-    """The URL with its password (in the user part or a `password=` parameter) shown as ***."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = "&".join(("password=***" if q.lower().startswith("password=") else q)
-                     for q in parts.query.split("&")) if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def parse(text: str) -> str | None:
-    """A catalog URL in its one spelling (`postgresql+psycopg://...`); None for SQLite. Anything else, or a
-    PostgreSQL URL without a database or with a bad port, is a one-line UserError (password masked)."""
-    text = text.strip()
-    if text.lower() in ("sqlite", "sqlite:", "sqlite://"):
-        return None
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() not in PG_SCHEMES:
-        raise UserError(f"'{mask(text)}' is not a catalog URL (use {FORMS})")
-    url = "postgresql+psycopg://" + rest
-    parts = urllib.parse.urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        raise UserError(f"catalog URL {mask(url)}: {e}") from None
-    if not parts.path.strip("/") and "dbname=" not in parts.query:
-        raise UserError(f"catalog URL {mask(url)} names no database (use {FORMS})")
-    return url
-
-
 def read_pointer(home: Path) -> str | None:
     """The URL the home's pointer file records (None: no pointer, the catalog is SQLite)."""
     try:
@@ -143,6 +105,20 @@ class CatalogLocation:
                 lock.release()
                 raise
         return lock
+
+    def refuse_foreign(self, reader: CatalogReader, found: int | None) -> None:
+        """Refuse a PostgreSQL database that already holds another home's catalog, on a home new to it.
+
+        Why: that catalog names vector generations this home does not have; opening would call them lost and
+        `repair` would drop every row. A home with vector files (a reader elsewhere, given the URL by
+        CROSSMODAL_CATALOG) or a catalog without vectors yet is fine."""
+        from retrieval.store.guards import vector_files
+
+        if self.url is None or self.pointed or found is None or any(vector_files(self.home).values()):
+            return
+        if any(v not in ("", "0") for k, v in reader.meta().items() if k.startswith("gen.")):
+            raise UserError(f"the database {self.describe()} already holds the catalog of another index, whose "
+                            f"vectors are not in {self.home}; give an empty database, or use that index's home")
 
     def record(self, writable: bool) -> None:
         """A writer writes the home's pointer (atomically) when a PostgreSQL catalog is new to it; SQLite

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from retrieval.errors import IndexLocked
-from retrieval.store.location import mask
+from retrieval.store.catalog_url import mask
 from retrieval.store.pg_reader import connect
 
 KEY = zlib.crc32(b"crossmodal catalog writer")  # one catalog per database: one key

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from retrieval.errors import UserError
-from retrieval.store.location import mask
+from retrieval.store.catalog_url import mask
 from retrieval.store.reader import ITEM_FIELDS, DateBound
 
 _Read = TypeVar("_Read", bound=Callable[..., Any])

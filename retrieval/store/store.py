@@ -162,7 +162,7 @@ class Store(StoreReads, StoreRepair):
                 raise guards.lost_catalog(self.home) or no_catalog(self.home)
             if found is not None and found > SCHEMA_VERSION:
                 raise schema_too_new(self.home, found)
-            guards.foreign_catalog(self.catalog, self._reader, found)
+            self.catalog.refuse_foreign(self._reader, found)
             if found == SCHEMA_VERSION:
                 return
         lost = guards.lost_catalog(self.home, self._reader)

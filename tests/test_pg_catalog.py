@@ -76,6 +76,9 @@ def test_pointer_file_and_env_var_are_honoured(tmp_path: Path, new_catalog, pg_s
     monkeypatch.setenv(ENV, other_name)
     with Store.open(home) as s:
         assert s.catalog.url == other_name and s.count("image") == 3
+    monkeypatch.setenv(ENV, "sqlite")  # an override cannot switch a home's backend
+    with pytest.raises(UserError, match="keeps its catalog in postgresql"):
+        Store.open(home)
     monkeypatch.setenv(ENV, f"postgresql+psycopg://postgres@127.0.0.1:{pg_server.port}/no_such_db")
     with pytest.raises(UserError, match='cannot open the catalog .*"no_such_db" does not exist'):
         Store.open(home)
@@ -130,6 +133,32 @@ def test_bad_url_no_server_no_psycopg_are_one_line(tmp_path: Path, pg_server, ph
     line = _one_line(run_cli("index", str(photos["img01"]), "--catalog", pg_server.url("x"), home=home,
                              env={"PYTHONPATH": f"{shadow}:{ROOT}"}))
     assert "needs psycopg" in line and "crossmodal[cluster]" in line
+
+
+def test_a_reader_upgrading_the_schema_waits_for_no_writer(tmp_path: Path, new_catalog) -> None:
+    """A read-only open migrates an older catalog; on PostgreSQL only while no writer (anywhere) holds the lock."""
+    from sqlalchemy import create_engine, text
+
+    from retrieval.errors import IndexLocked
+    from retrieval.store.pg_lock import advisory_lock
+
+    url = new_catalog()
+    home = tmp_path / "h"
+    _small(home, url)
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    release = advisory_lock(url)  # a writer on another machine
+    try:
+        with pytest.raises(IndexLocked, match="needs an upgrade, but a writer is running"):
+            Store.open(home)
+    finally:
+        release()
+    with Store.open(home) as s:
+        assert s.count("image") == 3
+    with engine.begin() as c:
+        assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"
+    engine.dispose()
 
 
 def test_info_shows_the_catalog_with_the_password_masked(tmp_path: Path, new_catalog) -> None:

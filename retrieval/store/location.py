@@ -136,6 +136,8 @@ def resolve(home: Path, requested: str | None = None) -> CatalogLocation:
     has_sqlite = (home / CATALOG).is_file() and pointed is None
     current = (env_url if env else pointed) if pointed else None
     asked = parse(requested) if requested is not None else None
+    if pointed is not None and env and env_url is None:
+        raise UserError(f"{ENV}={env} but the index in {home} keeps its catalog in {mask(pointed)}")
     if pointed is None and env:  # env on a home without a pointer: like --catalog
         if requested is not None and asked != env_url:
             raise UserError(f"--catalog {mask(requested)} and {ENV}={mask(env)} disagree; give one of them")

@@ -35,7 +35,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from retrieval.errors import SchemaTooNew
+from retrieval.errors import IndexLocked, SchemaTooNew
 from retrieval.store.lock import WriterLock
 from retrieval.store.records import SCHEMA_VERSION, no_catalog, schema_too_new
 
@@ -180,6 +180,16 @@ def migrate(session: Session, found: int) -> None:
         found += 1
 
 
+def _no_writer_elsewhere(session: Session, home: Path) -> None:
+    """A reader that migrates a PostgreSQL catalog holds the writers' advisory lock for its transaction, so a
+    writer on another machine (whom the home's file lock may not reach) cannot run meanwhile."""
+    from retrieval.store.pg_lock import KEY
+
+    if not session.execute(sql_text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": KEY}).scalar():
+        raise IndexLocked(f"the catalog of {home} needs an upgrade, but a writer is running; run this again "
+                          f"when it finishes")
+
+
 def prepare(engine: Engine, home: Path, writable: bool) -> None:
     """Make the tables (writers), refuse a newer schema, migrate an older one in one transaction.
 
@@ -205,6 +215,8 @@ def prepare(engine: Engine, home: Path, writable: bool) -> None:
                 raise schema_too_new(home, found)
             if found < SCHEMA_VERSION:
                 lock = None if writable else WriterLock(home)
+                if not writable and engine.dialect.name == "postgresql":
+                    _no_writer_elsewhere(s, home)
                 migrate(s, found)
                 row.value = str(SCHEMA_VERSION)
     finally:

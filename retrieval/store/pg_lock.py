@@ -31,7 +31,7 @@ def _holder(db: Any) -> str:
 
 
 def advisory_lock(url: str) -> Callable[[], None]:
-    """Take the catalog's writer lock or raise IndexLocked; returns the release (closes the connection)."""
+    """Take the catalog's writer lock or raise IndexLocked; returns the release (unlocks, closes the connection)."""
     db = connect(url, "writer")
     try:
         got = db.execute("SELECT pg_try_advisory_lock(%s)", (KEY,)).fetchone()[0]
@@ -42,4 +42,14 @@ def advisory_lock(url: str) -> Callable[[], None]:
     except BaseException:
         db.close()
         raise
-    return db.close  # type: ignore[no-any-return]
+
+    def release() -> None:
+        """Unlock, then close: the server answers the unlock before this returns, whereas after a bare close
+        it drops the lock only once it has read the goodbye, and the next writer may come first."""
+        try:
+            db.execute("SELECT pg_advisory_unlock(%s)", (KEY,))
+        except Exception:  # noqa: BLE001 - a lost connection: the server has dropped the lock already
+            pass
+        db.close()
+
+    return release

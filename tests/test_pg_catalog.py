@@ -71,6 +71,8 @@ def test_pointer_file_and_env_var_are_honoured(tmp_path: Path, new_catalog, pg_s
     with Store.open(home) as s:  # no flag: the pointer names the catalog
         assert type(s.reader).__name__ == "PgReader" and s.count("image") == 3 and sorted(s.items(ids)) == ids
         assert s.catalog.describe() == url
+    with Store.open(home, writable=True, catalog=url.replace("postgresql+psycopg", "postgresql")) as s:
+        assert s.count("image") == 3  # --catalog naming the home's own catalog (in any spelling) is fine
     # the env var overrides the pointer: here the same database by another name (as another machine may)
     other_name = url.replace("127.0.0.1", "localhost")
     monkeypatch.setenv(ENV, other_name)

@@ -28,7 +28,7 @@ from retrieval.model.protocol import Encoder
 from retrieval.query import open as query_open
 from retrieval.query.search import Hit, QueryVector, Searcher
 from retrieval.rerank.reranker import DEFAULT_RERANK_K, Reranker, open_reranker
-from retrieval.store import ImageFilter
+from retrieval.store import CATALOG, ImageFilter
 from retrieval.store.location import resolve
 from retrieval.store.paths import display_path, from_catalog
 from webui import thumbs
@@ -141,7 +141,8 @@ def index_signature(home: Path) -> str | None:
             meta = reader.meta()
     except Exception as e:  # noqa: BLE001 - sqlite3's, psycopg's or ours: any catalog we cannot read
         # Not a catalog we can read: let Store.open produce the real message on each run.
-        return f"unreadable:{e}:{os.stat(home).st_mtime_ns if home.is_dir() else 0}"
+        sqlite = home / CATALOG
+        return f"unreadable:{e}:{sqlite.stat().st_mtime_ns if sqlite.is_file() else 0}"
     rows = {k: meta[k] for k in SIGNATURE_KEYS if k in meta}
     # The home is part of it: the cached sidebar, folders and cameras are keyed on the signature alone, and two
     # homes with the same model and generations must not share them.

@@ -266,6 +266,9 @@ def test_meta_ids_and_rows_equal_the_store(trio, oracle) -> None:
             assert len(ids) == store.count(m) > 0
             assert np.array_equal(np.sort(ids), np.sort(store.vectors(m)[0]))
             assert np.array_equal(np.sort(ids), np.sort(oracle.ids(m)))
+    home = store.home
+    files = [p for p in (home / "catalog.sqlite", home / "catalog.sqlite-wal") if p.is_file()]
+    assert reader.catalog_bytes() == (sum(p.stat().st_size for p in files) if files else reader.catalog_bytes()) > 0
     every = np.concatenate([reader.ids("image"), reader.ids("text"), [-1, 10**9]])
     want = oracle.items(every)
     got = {i: ItemView(*row) for i, row in reader.items(every).items()}

@@ -248,5 +248,10 @@ class PgReader:
                                 (list(set(shas)),)))
 
     @_locked
+    def catalog_bytes(self) -> int:
+        return int(self._rows("SELECT sum(pg_total_relation_size(to_regclass(t))) FROM "
+                              "unnest(ARRAY['items', 'meta', 'skipped']) AS t")[0][0] or 0)
+
+    @_locked
     def text_hashes(self, corpus: str) -> set[str]:
         return set(self._column("SELECT sha256 FROM items WHERE modality = 'text' AND corpus = %s", (corpus,)))

@@ -95,3 +95,7 @@ class CatalogReader(Protocol):
 
     def text_hashes(self, corpus: str) -> set[str]:
         """Hashes of the captions a corpus holds, so re-adding a file adds only what is new."""
+
+    def catalog_bytes(self) -> int:
+        """What the catalog takes where it is stored (`info`'s size: a SQLite file with its WAL, or the
+        PostgreSQL tables with their indexes and TOAST)."""

@@ -67,6 +67,10 @@ def index(
         "--reranker", help="Record a trained reranker file (see train-reranker) in the index.")] = None,
     index_type: IndexTypeOpt = None,
     memory_budget: MemoryBudgetOpt = None,
+    catalog: Annotated[str | None, typer.Option(
+        "--catalog", help="Where a NEW index keeps its catalog: postgresql+psycopg://USER@HOST/DB (needs "
+                          "crossmodal[cluster]) or sqlite (the default); the home remembers it "
+                          "(CROSSMODAL_CATALOG overrides).")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -85,6 +89,8 @@ def index(
       crossmodal index ~/Pictures --model my_clip.json --pretrained my_clip.pt   (a custom open_clip config)
 
       crossmodal index /archive --index-type auto --memory-budget 8G
+
+      crossmodal --home /shared/idx index /archive --catalog postgresql+psycopg://me@dbhost/photos
     """
     from indexer.pipeline import index_paths
     from retrieval.model.recorded import ModelOnDemand, requested_spec
@@ -96,7 +102,7 @@ def index(
             raise UserError(f"no such file or folder: {p}")
     check_int8(precision, device)
 
-    with Store.open(home(), create=True, writable=True) as store:
+    with Store.open(home(), create=True, writable=True, catalog=catalog) as store:
         requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
         plain = reranker is None and index_type is None and memory_budget is None  # those need the model first
         source = model_source(store, model, pretrained, device, precision, quiet or json_out, guess=plain)

@@ -283,6 +283,7 @@ def info(json_out: JsonOpt = False) -> None:
         fp = store.fingerprint
         data = {
             "home": str(store.home),
+            "catalog": store.catalog.describe(),  # the SQLite file, or the PostgreSQL URL (password masked)
             "model": fp.model if fp else None,
             **({"model_config": {"file": fp.config_file, "sha256": fp.config.split(":", 1)[1]}}
                if fp and fp.config else {}),  # a custom model's config (recorded whole in the index)

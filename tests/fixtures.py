@@ -2,6 +2,9 @@
 generated photos, an index built through the library, its copy whose first query made the ONNX export (in an
 export cache of its own, then shared through the run's cache), and the page tests' index built through the
 CLI. Per test: `own_cache` (an empty export cache) and `linked_cache` (one holding the first query's export).
+PostgreSQL (marker `postgres`): `pg_server` starts a throwaway cluster once (tests/pg_cluster.py), `new_catalog`
+makes an empty database per call, `built_pg_index` is `built_index` with its catalog in PostgreSQL, and
+`any_catalog` runs a test once per backend (None: SQLite; else a new database's URL).
 
 No network: the model is random-initialised, saved, and loaded back through `--pretrained PATH`, the same
 path users take with their own checkpoints. Results are meaningless semantically; tests check mechanics
@@ -10,9 +13,10 @@ against oracles.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +42,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_photo_folder(tmp_path_factory.mktemp("photos") / "library")
 
 
-@pytest.fixture(scope="session")
-def built_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos) -> Path:  # noqa: ANN001
-    """An index over `photos` with two caption corpora, built in-process (fast) through the library."""
+def _build_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos, catalog: str | None  # noqa: ANN001
+                 ) -> Path:
     from indexer.pipeline import index_paths
     from indexer.texts import add_corpus
     from retrieval.store import Store
@@ -49,12 +52,54 @@ def built_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos) -> Pa
     caps = tmp_path_factory.mktemp("caps")
     (caps / "a.txt").write_text("\n".join(f"caption number {i} about colours" for i in range(30)))
     (caps / "b.csv").write_text("id,caption\n" + "\n".join(f"{i},a second corpus line {i}" for i in range(20)))
-    with Store.open(home, create=True, writable=True) as store:
+    with Store.open(home, create=True, writable=True, catalog=catalog) as store:
         store.bind_model(encoder.fingerprint)
         index_paths(store, encoder, [str(photos["root"])], batch_size=4, workers=1)
         add_corpus(store, encoder, caps / "a.txt", corpus="alpha")
         add_corpus(store, encoder, caps / "b.csv", corpus="beta")
     return home
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos) -> Path:  # noqa: ANN001
+    """An index over `photos` with two caption corpora, built in-process (fast) through the library."""
+    return _build_index(tmp_path_factory, encoder, photos, None)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (a free port, trust auth) for the whole run; the tests that
+    use it skip, saying why, only where PostgreSQL or psycopg is not installed."""
+    from tests import pg_cluster
+
+    if pg_cluster.pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'crossmodal[cluster]')")
+    cluster = pg_cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+_DB_NUMBERS = itertools.count()
+
+
+@pytest.fixture
+def new_catalog(pg_server) -> Callable[[], str]:  # noqa: ANN001
+    """Makes an empty database per call and returns its catalog URL (postgresql+psycopg://...)."""
+    return lambda: pg_server.createdb(f"t{os.getpid()}_{next(_DB_NUMBERS)}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_catalog(request: pytest.FixtureRequest) -> str | None:
+    """A new store's catalog on each backend: None (SQLite in the home) or an empty PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("new_catalog")()
+
+
+@pytest.fixture(scope="session")
+def built_pg_index(tmp_path_factory: pytest.TempPathFactory, encoder, photos, pg_server) -> Path:  # noqa: ANN001
+    """`built_index` with its catalog in PostgreSQL (the home's pointer file names it)."""
+    url = pg_server.createdb(f"built_{os.getpid()}")
+    return _build_index(tmp_path_factory, encoder, photos, url)
 
 
 @pytest.fixture(scope="session")

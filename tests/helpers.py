@@ -44,6 +44,13 @@ def make_checkpoint(path: Path, model: str = TEST_MODEL, seed: int = 0) -> Path:
     return path
 
 
+def catalog_url(home: Path) -> str:
+    """The SQLAlchemy URL of a home's catalog (its pointer file's, else its catalog.sqlite), for tests that
+    change a catalog behind the Store's back."""
+    pointer = home / "catalog.url"
+    return pointer.read_text().strip() if pointer.is_file() else f"sqlite:///{home / 'catalog.sqlite'}"
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------
 def cli_env(env: Mapping[str, str] | None = None, drop: Sequence[str] = ()) -> dict[str, str]:
     """The environment a CLI subprocess gets: ours without CROSSMODAL_HOME (tests pass --home), plus `env`."""

@@ -1,9 +1,16 @@
-"""The CLI end to end, in subprocesses, the way users run it: exit codes, JSON shapes, oracles."""
+"""The CLI end to end, in subprocesses, the way users run it: exit codes, JSON shapes, oracles.
+
+The flow (index, re-run, search, caption, add-texts, info, filters, remove) runs on each catalog backend: SQLite
+in the home, and PostgreSQL (`postgres` marker: `--catalog` on the first `index`, later commands without it).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +21,21 @@ from retrieval.store import Store
 from tests.helpers import BAD, GOOD, TEST_MODEL, make_checkpoint, run_cli
 
 
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_catalog_args(request) -> Callable[[], list[str]]:
+    """The `--catalog` arguments of a new index on this run's backend: none (SQLite), or a new database."""
+    if request.param == "sqlite":
+        return lambda: []
+    server, numbers = request.getfixturevalue("pg_server"), itertools.count()
+    return lambda: ["--catalog", server.createdb(f"e2e_{os.getpid()}_{next(numbers)}")]
+
+
 @pytest.fixture(scope="module")
-def cli_home(tmp_path_factory, checkpoint, photos):
+def cli_home(tmp_path_factory, checkpoint, photos, new_catalog_args):
     """An index built by `crossmodal index` (JSON checked in the test below)."""
     home = tmp_path_factory.mktemp("cli-home")
     r = run_cli("index", str(photos["root"]), "--model", TEST_MODEL, "--pretrained", str(checkpoint),
-                "--json", "--batch-size", "4", home=home)
+                "--json", "--batch-size", "4", *new_catalog_args(), home=home)
     assert r.returncode == 0, r.stderr
     return home, json.loads(r.stdout)
 
@@ -86,7 +102,12 @@ def test_add_texts_every_format(cli_home, tmp_path):
     ok(run_cli("add-texts", str(tmp_path / "caps.tsv"), "--column", "alt", "--corpus", "alt-texts", home=home))
     ok(run_cli("add-texts", str(tmp_path / "caps.jsonl"), "--field", "text", "--corpus", "j", home=home))
     info = json.loads(ok(run_cli("info", "--json", home=home)).stdout)
-    assert info == {"home": str(home), "model": TEST_MODEL, "pretrained": info["pretrained"], "dim": 384,
+    pg = (home / "catalog.url").is_file()
+    assert info["catalog"] == (str(home / "catalog.sqlite") if not pg else  # where the catalog lives
+                               (home / "catalog.url").read_text().strip())  # (no password to mask here)
+    assert pg or not (home / "catalog.url").exists() and (home / "catalog.sqlite").is_file()
+    assert info == {"home": str(home), "catalog": info["catalog"], "model": TEST_MODEL,
+                    "pretrained": info["pretrained"], "dim": 384,
                     "images": GOOD, "texts": 7, "corpora": {"alt-texts": 3, "caps": 2, "j": 2},
                     "vector_index": info["vector_index"],  # its content: tests/test_ann.py
                     "onnx_export": info["onnx_export"],
@@ -163,7 +184,7 @@ def test_caption_without_corpus_uses_builtin_vocabulary(checkpoint, photos, tmp_
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_user_errors_exit_2_with_one_line(cli_home, photos, tmp_path, checkpoint):
+def test_user_errors_exit_2_with_one_line(cli_home, photos, tmp_path, checkpoint, new_catalog_args):
     home, _ = cli_home
     user_error(run_cli("index", str(tmp_path / "missing"), home=home), "no such file or folder")
     user_error(run_cli("search", "--image", str(tmp_path / "nope.jpg"), home=home), "no such file")
@@ -174,8 +195,10 @@ def test_user_errors_exit_2_with_one_line(cli_home, photos, tmp_path, checkpoint
     # empty home with a model but no images
     empty = tmp_path / "texts-only"
     (tmp_path / "t.txt").write_text("hello\n")
+    where = new_catalog_args()[1:]  # PostgreSQL: given by the env var here, which the new home then records
     ok(run_cli("add-texts", str(tmp_path / "t.txt"), "--model", TEST_MODEL, "--pretrained", str(checkpoint),
-               home=empty))
+               home=empty, env={"CROSSMODAL_CATALOG": where[0]} if where else None))
+    assert (empty / "catalog.url").is_file() == bool(where)
     user_error(run_cli("search", "x", home=empty), "no images indexed")
 
 
@@ -214,7 +237,7 @@ def test_help_has_examples():
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_filters_remove_and_skipped_from_the_cli(cli_home, photos, tmp_path, checkpoint):
+def test_filters_remove_and_skipped_from_the_cli(cli_home, photos, tmp_path, checkpoint, new_catalog_args):
     home, _ = cli_home
     r = ok(run_cli("search", "x", "--under", str(photos["root"] / "sub"), "-k", "20", "--json", home=home))
     paths = [h["path"] for h in json.loads(r.stdout)]
@@ -228,7 +251,7 @@ def test_filters_remove_and_skipped_from_the_cli(cli_home, photos, tmp_path, che
 
     small = tmp_path / "small-home"
     ok(run_cli("index", str(photos["img01"]), str(photos["img02"]), "--model", TEST_MODEL, "--pretrained",
-               str(checkpoint), "--quiet", home=small))
+               str(checkpoint), "--quiet", *new_catalog_args(), home=small))
     r = ok(run_cli("remove", str(photos["img01"]), "--json", home=small))
     assert json.loads(r.stdout) == {"removed": 1}
     assert json.loads(ok(run_cli("info", "--json", home=small)).stdout)["images"] == 1

@@ -14,7 +14,7 @@ import pytest
 
 from indexer.pipeline import index_paths
 from retrieval.store import Store
-from tests.helpers import TEST_MODEL, pattern, run_cli, start_cli
+from tests.helpers import TEST_MODEL, catalog_url, pattern, run_cli, start_cli
 
 
 def _library(root: Path, n: int) -> Path:
@@ -128,15 +128,16 @@ def test_lock_queries_during_indexing_and_stale_lock(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize("readonly_first", [True, False])
-def test_schema_1_catalog_is_migrated(tmp_path, encoder, readonly_first):
+def test_schema_1_catalog_is_migrated(tmp_path, encoder, readonly_first, any_catalog):
+    """The ladder from the first schema, on SQLite and on PostgreSQL."""
     from sqlalchemy import create_engine, text
 
     lib = _library(tmp_path / "lib", 3)
     home = tmp_path / "home"
-    with Store.open(home, create=True, writable=True) as store:
+    with Store.open(home, create=True, writable=True, catalog=any_catalog) as store:
         store.bind_model(encoder.fingerprint)
         index_paths(store, encoder, [str(lib)], workers=0)
-    engine = create_engine(f"sqlite:///{home / 'catalog.sqlite'}")
+    engine = create_engine(catalog_url(home))
     with engine.begin() as c:
         for col in ("camera_make", "camera_model", "gps_lat", "gps_lon"):
             c.execute(text(f"ALTER TABLE items DROP COLUMN {col}"))
@@ -146,7 +147,7 @@ def test_schema_1_catalog_is_migrated(tmp_path, encoder, readonly_first):
         assert store.count("image") == 3
         views = store.items(i for i, *_ in store.image_files().values())
         assert all(v.camera is None for v in views.values())
-    engine = create_engine(f"sqlite:///{home / 'catalog.sqlite'}")
+    engine = create_engine(catalog_url(home))
     with engine.begin() as c:
         assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "3"  # 1 -> 2 -> 3
     engine.dispose()

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 
 from indexer.pipeline import index_paths, remove_paths
 from retrieval.store import ImageFilter, Store
-from tests.helpers import TEST_MODEL, pattern, run_cli
+from tests.helpers import TEST_MODEL, catalog_url, pattern, run_cli
 
 LATIN = b"caf\xe9.jpg"  # Latin-1 e-acute
 SJIS = b"\x8e\xca\x90^.jpg"  # "shashin" (photo) in Shift-JIS
@@ -55,8 +54,8 @@ def shown(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _index(home: Path, lib: Path, encoder, **kw):  # noqa: ANN001, ANN202
-    with Store.open(home, create=True, writable=True) as store:
+def _index(home: Path, lib: Path, encoder, catalog: str | None = None, **kw):  # noqa: ANN001, ANN202
+    with Store.open(home, create=True, writable=True, catalog=catalog) as store:
         store.bind_model(encoder.fingerprint)
         return index_paths(store, encoder, [str(lib)], workers=kw.pop("workers", 0), **kw)
 
@@ -81,13 +80,16 @@ def test_catalog_paths_are_reversible_and_never_collide():
     assert to_catalog(os.fsdecode(b"/a/" + FOLDER + b"/" + INSIDE)).startswith(folder + "/")
 
 
-def test_library_indexes_searches_moves_and_removes_them(tmp_path, encoder):
+def test_library_indexes_searches_moves_and_removes_them(tmp_path, encoder, any_catalog):
+    """On both backends: the escaped names are plain valid text, which PostgreSQL's text accepts too."""
+    from sqlalchemy import create_engine, text
+
     from retrieval.query.search import Searcher
 
     lib = tmp_path / "lib"
     files = hostile_library(lib)
     home = tmp_path / "home"
-    r = _index(home, lib, encoder, workers=1)  # names cross a process boundary too
+    r = _index(home, lib, encoder, any_catalog, workers=1)  # names cross a process boundary too
     want = {key(lib, rel) for rel in KEYS}
     assert (r.added, r.skipped) == (5, [])
     with Store.open(home) as store:
@@ -101,8 +103,10 @@ def test_library_indexes_searches_moves_and_removes_them(tmp_path, encoder):
         under = store.image_ids(ImageFilter(under=f"{lib}/f\\xeate")).tolist()
         assert under == [ids[key(lib, FOLDER + b"/" + INSIDE)]]
         vec = store.vector("image", ids[key(lib, LATIN)])
-    with sqlite3.connect(home / "catalog.sqlite") as db:  # what another backend would read: plain text
-        assert {p for (p,) in db.execute("SELECT path FROM items")} == want
+    engine = create_engine(catalog_url(home))  # what any other client reads: plain text
+    with engine.begin() as c:
+        assert {p for (p,) in c.execute(text("SELECT path FROM items"))} == want
+    engine.dispose()
     # an unchanged re-run only stats (the diff matches every name)
     again = _index(home, lib, encoder)
     assert (again.added, again.updated, again.removed, again.unchanged) == (0, 0, 0, 5)
@@ -190,8 +194,9 @@ def test_cli_json_and_tables_show_replacement_characters(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize("readonly_first", [True, False])
-def test_schema_2_catalog_is_migrated(tmp_path, encoder, readonly_first):
-    """A schema-2 catalog stored backslashes as they are and skipped non-UTF-8 names with a lossy path."""
+def test_schema_2_catalog_is_migrated(tmp_path, encoder, readonly_first, any_catalog):
+    """A schema-2 catalog stored backslashes as they are and skipped non-UTF-8 names with a lossy path (the
+    migration's SQL is portable: it runs on PostgreSQL too)."""
     from sqlalchemy import create_engine, text
 
     lib = tmp_path / "lib"
@@ -199,25 +204,27 @@ def test_schema_2_catalog_is_migrated(tmp_path, encoder, readonly_first):
     for i, name in enumerate(("back\\slash.jpg", "plain.jpg")):
         pattern(60 + i, (64, 48)).save(lib / name)
     home = tmp_path / "home"
-    _index(home, lib, encoder)
+    _index(home, lib, encoder, any_catalog)
     with Store.open(home) as store:
         before = {p: v[0] for p, v in store.image_files().items()}
     assert set(before) == {f"{lib}/back\\\\slash.jpg", f"{lib}/plain.jpg"}
     lossy = f"{lib}/caf\ufffd.jpg"
-    engine = create_engine(f"sqlite:///{home / 'catalog.sqlite'}")
+    engine = create_engine(catalog_url(home))
     with engine.begin() as c:  # schema 2's form of the same catalog
         c.execute(text("UPDATE items SET path = replace(path, '\\\\', '\\')"))
         c.execute(text("INSERT INTO skipped (path, reason, at) VALUES (:p, 'file name is not valid UTF-8', "
                        "'2024-01-01')"), {"p": lossy})
         c.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+        assert {p for (p,) in c.execute(text("SELECT path FROM items"))} == {f"{lib}/back\\slash.jpg",
+                                                                             f"{lib}/plain.jpg"}
     engine.dispose()
-    with sqlite3.connect(home / "catalog.sqlite") as db:
-        assert {p for (p,) in db.execute("SELECT path FROM items")} == {f"{lib}/back\\slash.jpg", f"{lib}/plain.jpg"}
     with Store.open(home, writable=not readonly_first) as store:
         assert {p: v[0] for p, v in store.image_files().items()} == before
         assert store.skipped() == []
-    with sqlite3.connect(home / "catalog.sqlite") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    engine = create_engine(catalog_url(home))
+    with engine.begin() as c:
+        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "3"
+    engine.dispose()
     # the next run keeps both images (nothing re-embedded) and now indexes the non-UTF-8 name
     with open(os.fsencode(lib) + b"/" + LATIN, "wb") as f:
         pattern(62, (64, 48)).save(f, "JPEG")

@@ -1,8 +1,9 @@
-"""The stdlib-sqlite3 catalog reader answers every read exactly as SQLAlchemy does.
+"""Both catalog readers (stdlib sqlite3, and psycopg for PostgreSQL) answer every read exactly as SQLAlchemy does.
 
-Every Store, read-only or writable, reads through its CatalogReader (SqliteReader); the reference each
-answer is held equal to is `OrmOracle` below: the SQLAlchemy ORM expressions the Store used to run itself,
-kept here as an independent oracle.
+Every Store, read-only or writable, reads through its CatalogReader (SqliteReader or PgReader); the reference
+each answer is held equal to is `OrmOracle` below: the SQLAlchemy ORM expressions the Store used to run itself,
+kept here as an independent oracle, run on the same backend. The shared-index tests run once per backend
+(`backend`), the PostgreSQL ones marked `postgres`.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class OrmOracle:
     """The catalog reads as SQLAlchemy ORM expressions (what the Store ran before every read went through
     its CatalogReader): an independent reference for the reader's SQL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, url: str) -> None:
         from sqlalchemy import create_engine
 
-        self.engine = create_engine(f"sqlite:///{path}")
+        self.engine = create_engine(url)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -198,22 +199,49 @@ class OrmOracle:
         return sorted({str(PurePosixPath(p).parent) for p in paths if p is not None})
 
 
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def indexed(request) -> tuple[Path, str, type]:
+    """(home, catalog URL for SQLAlchemy, reader class) of the shared index, on each backend."""
+    if request.param == "sqlite":
+        home = request.getfixturevalue("built_index")
+        return home, f"sqlite:///{home / 'catalog.sqlite'}", SqliteReader
+    from retrieval.store.location import read_pointer
+    from retrieval.store.pg_reader import PgReader
+
+    home = request.getfixturevalue("built_pg_index")
+    return home, str(read_pointer(home)), PgReader
+
+
+def _reader(indexed: tuple[Path, str, type]) -> CatalogReader:
+    home, url, kind = indexed
+    return kind(home / "catalog.sqlite" if kind is SqliteReader else url)  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
-def oracle(built_index):
+def built_any(indexed) -> Path:
+    return indexed[0]
+
+
+@pytest.fixture(scope="module")
+def oracle(indexed):
     """The SQLAlchemy reference on the shared index."""
-    orm = OrmOracle(built_index / "catalog.sqlite")
+    orm = OrmOracle(indexed[1])
     yield orm
     orm.close()
 
 
 @pytest.fixture(scope="module")
-def trio(built_index):
+def trio(indexed):
     """(writable store, read-only store, bare reader) on one index; the writer only reads here."""
+    built_index, _, kind = indexed
     orm = Store.open(built_index, writable=True)
     ro = Store.open(built_index)
-    reader = SqliteReader(built_index / "catalog.sqlite")
-    # Every store reads through a SqliteReader now, writers too; the bare reader is a CatalogReader.
-    assert isinstance(orm.reader, SqliteReader) and isinstance(ro.reader, SqliteReader)
+    reader = _reader(indexed)
+    # Every store reads through its backend's reader, writers too; the bare reader is a CatalogReader.
+    assert isinstance(orm.reader, kind) and isinstance(ro.reader, kind)
     assert isinstance(reader, CatalogReader)
     yield orm, ro, reader
     reader.close()
@@ -238,6 +266,9 @@ def test_meta_ids_and_rows_equal_the_store(trio, oracle) -> None:
             assert len(ids) == store.count(m) > 0
             assert np.array_equal(np.sort(ids), np.sort(store.vectors(m)[0]))
             assert np.array_equal(np.sort(ids), np.sort(oracle.ids(m)))
+    home = store.home
+    files = [p for p in (home / "catalog.sqlite", home / "catalog.sqlite-wal") if p.is_file()]
+    assert reader.catalog_bytes() == (sum(p.stat().st_size for p in files) if files else reader.catalog_bytes()) > 0
     every = np.concatenate([reader.ids("image"), reader.ids("text"), [-1, 10**9]])
     want = oracle.items(every)
     got = {i: ItemView(*row) for i, row in reader.items(every).items()}
@@ -297,8 +328,9 @@ def test_filters_equal_the_store(trio, oracle, photos, flt: ImageFilter) -> None
 
 
 @pytest.mark.subprocess
-def test_read_only_queries_never_import_sqlalchemy(built_index: Path, photos) -> None:
-    """Why the reader exists: opening and every query-side read stay off SQLAlchemy."""
+def test_read_only_queries_never_import_sqlalchemy(built_any: Path, photos) -> None:
+    """Why the readers exist: opening and every query-side read stay off SQLAlchemy, on both backends."""
+    built_index = built_any
     probe = textwrap.dedent(f"""
         import sys
         from retrieval.store import ImageFilter, Store
@@ -331,16 +363,28 @@ def _add(store: Store, n: int, start: int) -> list[int]:
     return store.add_images(recs, _unit(n, start))
 
 
-def test_snapshot_keeps_one_commit(tmp_path: Path) -> None:
-    with Store.open(tmp_path, create=True, writable=True) as w:
+def _bare_reader(home: Path, catalog: str | None) -> CatalogReader:
+    from retrieval.store.location import CatalogLocation
+
+    return CatalogLocation(home, catalog).reader()
+
+
+def test_snapshot_keeps_one_commit(tmp_path: Path, any_catalog: str | None) -> None:
+    catalog = any_catalog
+    with Store.open(tmp_path, create=True, writable=True, catalog=catalog) as w:
         w.bind_model(FP)
         first = _add(w, 2, 0)
-        reader = SqliteReader(tmp_path / "catalog.sqlite")
+        reader = _bare_reader(tmp_path, catalog)
         with reader.snapshot():
             gen = reader.meta()["gen.image"]
-            _add(w, 3, 10)  # commits while the snapshot is open: WAL keeps the reader on its commit
+            _add(w, 3, 10)  # commits while the snapshot is open: WAL / REPEATABLE READ keep the reader on it
             assert sorted(reader.ids("image").tolist()) == first and reader.meta()["gen.image"] == gen
         assert len(reader.ids("image")) == 5 and reader.meta()["gen.image"] != gen
+        reader.hold()  # what a read-only Store does: every read until `release` sees this commit
+        _add(w, 1, 20)
+        assert len(reader.ids("image")) == 5 and reader.meta()["gen.image"] != w.meta["gen.image"]
+        reader.release()
+        assert len(reader.ids("image")) == 6 and reader.meta()["gen.image"] == w.meta["gen.image"]
         reader.close()
 
 
@@ -365,13 +409,14 @@ def test_load_retries_when_a_writer_rotates_files(tmp_path: Path, monkeypatch: p
             assert ro.count("image") == 4 and len(ro.items(ro.vectors("image")[0])) == 4
 
 
-def test_writers_read_through_the_reader(tmp_path: Path) -> None:
+def test_writers_read_through_the_reader(tmp_path: Path, any_catalog: str | None) -> None:
     """A writer's reads see its own commits, and no reader ever creates a catalog file."""
+    catalog = any_catalog
     with pytest.raises(sqlite3.OperationalError):
         SqliteReader(tmp_path / "nothing.sqlite").meta()
     assert not (tmp_path / "nothing.sqlite").exists()
-    with Store.open(tmp_path, create=True, writable=True) as w:
-        assert isinstance(w.reader, SqliteReader) and w.image_files() == {}
+    with Store.open(tmp_path, create=True, writable=True, catalog=catalog) as w:
+        assert type(w.reader).__name__ == ("PgReader" if catalog else "SqliteReader") and w.image_files() == {}
         w.bind_model(FP)
         ids = _add(w, 3, 0)
         w.record_skipped([("/p/bad.jpg", "unreadable")])

@@ -9,10 +9,10 @@ same home, so a re-index does not reload a model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -31,8 +31,8 @@ from retrieval.query.search import Hit, QueryVector, Searcher
 from retrieval.rerank.params import recorded_reranker
 from retrieval.rerank.reranker import DEFAULT_RERANK_K, Reranker, open_reranker
 from retrieval.store import CATALOG, ImageFilter
+from retrieval.store.location import resolve
 from retrieval.store.paths import display_path, from_catalog
-from retrieval.store.sqlite_reader import SqliteReader
 from webui import thumbs
 from webui.limits import MAX_UPLOAD_MB
 
@@ -135,17 +135,19 @@ def human_bytes(n: float) -> str:
 def index_signature(home: Path) -> str | None:
     """A string that changes whenever a writer commits; None when there is no catalog at all.
 
-    Read through the catalog reader, only when the catalog file exists (so none is ever created empty).
+    Read through the catalog reader, only when the home has a catalog (so none is ever created empty): its
+    catalog.sqlite, or the PostgreSQL database its pointer file (or CROSSMODAL_CATALOG) names.
     """
-    path = home / CATALOG
-    if not path.is_file():
-        return None
     try:
-        with SqliteReader(path) as reader:
+        where = resolve(home)
+        if not where.exists():
+            return None
+        with contextlib.closing(where.reader()) as reader:
             meta = reader.meta()
-    except sqlite3.Error as e:
+    except Exception as e:  # noqa: BLE001 - sqlite3's, psycopg's or ours: any catalog we cannot read
         # Not a catalog we can read: let Store.open produce the real message on each run.
-        return f"unreadable:{e}:{path.stat().st_mtime_ns}"
+        sqlite = home / CATALOG
+        return f"unreadable:{e}:{sqlite.stat().st_mtime_ns if sqlite.is_file() else 0}"
     rows = {k: meta[k] for k in SIGNATURE_KEYS if k in meta}
     # The home is part of it: the cached sidebar, folders and cameras are keyed on the signature alone, and two
     # homes with the same model and generations must not share them.

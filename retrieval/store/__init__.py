@@ -1,5 +1,5 @@
-"""Catalog (SQLite: SQLAlchemy to write, a CatalogReader on stdlib sqlite3 to read) + vectors (FAISS) behind
-one facade with a single commit point."""
+"""Catalog (SQLite or PostgreSQL: SQLAlchemy to write, a CatalogReader on sqlite3 or psycopg to read) + vectors
+(FAISS) behind one facade with a single commit point."""
 
 from retrieval.store.reader import CatalogReader
 from retrieval.store.records import CATALOG, MODALITIES, ImageFilter, ImageRecord, ItemView, QueryOptions, TextRecord

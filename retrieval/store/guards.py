@@ -12,10 +12,14 @@ import errno
 import re
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retrieval.errors import IndexMismatch, ReadOnlyHome, UserError
 from retrieval.fsutil import can_write, folder_problem
 from retrieval.store.records import CATALOG
+
+if TYPE_CHECKING:
+    from retrieval.store.reader import CatalogReader
 
 VECTOR_FILE = re.compile(r"^(image|text)-(\d+)\.faiss$")
 REPAIR = "run `crossmodal repair`: it rebuilds the catalog from what it can read and keeps the damaged file aside"
@@ -74,13 +78,20 @@ def vector_files(home: Path) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in found.items()}
 
 
-def lost_catalog(home: Path) -> IndexMismatch | None:
+def lost_catalog(home: Path, reader: CatalogReader | None = None) -> IndexMismatch | None:
     """A catalog file without tables (0 bytes, say) next to vector files: the catalog was lost, not new.
 
-    Writers must not turn it into a fresh empty catalog (the next commit would delete the vector files)."""
+    Writers must not turn it into a fresh empty catalog (the next commit would delete the vector files).
+    A `reader` that finds a recorded schema (an older one, about to be migrated) says it is not lost."""
     path = home / CATALOG
     if not any(vector_files(home).values()):
         return None
+    if reader is not None and reader.has_catalog() and reader.schema_version() is not None:
+        return None
+    pointer = home / "catalog.url"  # location.POINTER: a PostgreSQL catalog, which repair cannot rebuild
+    if pointer.is_file():
+        return IndexMismatch(f"the database {pointer} names holds no crossmodal catalog but vectors/ holds vector "
+                             f"files: the catalog was lost; restore the database from a backup")
     try:
         if path.stat().st_size > 0:
             return None  # a catalog without tables but with bytes is reported by whoever reads it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.errors import IndexLocked, ReadOnlyHome
@@ -15,10 +16,11 @@ except ImportError:  # pragma: no cover - Windows
 
 
 class WriterLock:
-    """Held for the life of a writing Store; `release` is idempotent."""
+    """Held for the life of a writing Store; `release` is idempotent (and releases what `also` added)."""
 
     def __init__(self, home: Path) -> None:
         self.path = home / "index.lock"
+        self._others: list[Callable[[], None]] = []
         try:
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # the first write any writer makes: a read-only home is a user error here
@@ -39,7 +41,13 @@ class WriterLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
+    def also(self, release: Callable[[], None]) -> None:
+        """Hold another lock as long as this one (a PostgreSQL catalog's advisory lock: pg_lock.py)."""
+        self._others.append(release)
+
     def release(self) -> None:
+        while self._others:
+            self._others.pop()()
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None

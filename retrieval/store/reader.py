@@ -1,8 +1,8 @@
 """The catalog's read interface: every read the store (and the indexer, through it) makes, backend-free.
 
 Why a Protocol: the Store never runs a SELECT itself; it asks a `CatalogReader`, so one class per catalog
-backend holds all of the read SQL (today `sqlite_reader.SqliteReader` on the standard library's sqlite3;
-a PostgreSQL reader would be a second class), and query processes read without importing SQLAlchemy.
+backend holds all of the read SQL (`sqlite_reader.SqliteReader` on the standard library's sqlite3,
+`pg_reader.PgReader` on psycopg), and query processes read without importing SQLAlchemy.
 Writes and migrations stay on SQLAlchemy (store/schema.py, store/writes.py).
 
 This module imports only the standard library and numpy, like every reader implementation must.
@@ -95,3 +95,7 @@ class CatalogReader(Protocol):
 
     def text_hashes(self, corpus: str) -> set[str]:
         """Hashes of the captions a corpus holds, so re-adding a file adds only what is new."""
+
+    def catalog_bytes(self) -> int:
+        """What the catalog takes where it is stored (`info`'s size: a SQLite file with its WAL, or the
+        PostgreSQL tables with their indexes and TOAST)."""

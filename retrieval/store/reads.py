@@ -21,7 +21,7 @@ from retrieval.store import vectors as vec
 from retrieval.store.ann_choice import AnnState
 from retrieval.store.ann_upkeep import AnnUpkeep
 from retrieval.store.reader import CatalogReader
-from retrieval.store.records import CATALOG, ImageFilter, ItemView, QueryOptions, date_bound
+from retrieval.store.records import ImageFilter, ItemView, QueryOptions, date_bound
 
 
 class StoreReads:
@@ -205,9 +205,9 @@ class StoreReads:
         return restricted
 
     def size_on_disk(self) -> int:
-        """Bytes used by the catalog and the current vector files."""
-        total = 0
-        for p in [self.home / CATALOG, self.home / (CATALOG + "-wal")] + [
+        """Bytes used by the catalog (in the home, or in PostgreSQL) and the current vector files."""
+        total = self.reader.catalog_bytes()
+        for p in [
                 self._vector_path(m, g) for m, g in self.generations.items() if g] + [
                 self._ann.path(m, st.gen) for m, st in self._ann.state.items() if st.active]:
             if p.is_file():

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Float,
     Index,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     create_engine,
     delete,
@@ -30,10 +32,10 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy import text as sql_text
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from retrieval.errors import SchemaTooNew
+from retrieval.errors import IndexLocked, SchemaTooNew
 from retrieval.store.lock import WriterLock
 from retrieval.store.records import SCHEMA_VERSION, no_catalog, schema_too_new
 
@@ -45,6 +47,32 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+class CatalogText(TypeDecorator[str]):
+    """Text every backend stores alike. SQLite keeps its declared type (VARCHAR(n) or TEXT, lengths unenforced);
+    PostgreSQL gets TEXT, since it would enforce a length SQLite never did (a long EXIF camera name), and a NUL
+    character, which its text cannot hold (a caption may have one), becomes U+FFFD there."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name != "postgresql" and self.length is not None:
+            return dialect.type_descriptor(String(self.length))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
+BigId = Integer().with_variant(BigInteger(), "postgresql")  # SQLite's INTEGER is 64-bit; PostgreSQL's is not
 
 
 class Item(Base):
@@ -59,20 +87,20 @@ class Item(Base):
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    modality: Mapped[str] = mapped_column(String(8))
-    path: Mapped[str | None] = mapped_column(Text)  # a catalog path (paths.py): valid text for any name
-    corpus: Mapped[str | None] = mapped_column(String(200))
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    modality: Mapped[str] = mapped_column(CatalogText(8))
+    path: Mapped[str | None] = mapped_column(CatalogText())  # a catalog path (paths.py): valid text for any name
+    corpus: Mapped[str | None] = mapped_column(CatalogText(200))
     row: Mapped[int | None] = mapped_column(Integer)
-    text: Mapped[str | None] = mapped_column(Text)
-    sha256: Mapped[str | None] = mapped_column(String(64))
-    bytes: Mapped[int | None] = mapped_column(Integer)
-    mtime: Mapped[float | None] = mapped_column(Float)
+    text: Mapped[str | None] = mapped_column(CatalogText())
+    sha256: Mapped[str | None] = mapped_column(CatalogText(64))
+    bytes: Mapped[int | None] = mapped_column(BigId)
+    mtime: Mapped[float | None] = mapped_column(Float)  # FLOAT: double precision on PostgreSQL too
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
-    taken_at: Mapped[str | None] = mapped_column(String(32))
-    camera_make: Mapped[str | None] = mapped_column(String(100))  # schema 2
-    camera_model: Mapped[str | None] = mapped_column(String(100))  # schema 2
+    taken_at: Mapped[str | None] = mapped_column(CatalogText(32))
+    camera_make: Mapped[str | None] = mapped_column(CatalogText(100))  # schema 2
+    camera_model: Mapped[str | None] = mapped_column(CatalogText(100))  # schema 2
     gps_lat: Mapped[float | None] = mapped_column(Float)  # schema 2
     gps_lon: Mapped[float | None] = mapped_column(Float)  # schema 2
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -82,16 +110,16 @@ class Meta(Base):
     """Key/value facts about the index: schema version, model fingerprint, vector generations."""
 
     __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(CatalogText(64), primary_key=True)
+    value: Mapped[str] = mapped_column(CatalogText())
 
 
 class Skipped(Base):
     """Files the last runs could not index, with the reason (for reports; retried on each run)."""
 
     __tablename__ = "skipped"
-    path: Mapped[str] = mapped_column(Text, primary_key=True)
-    reason: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(CatalogText(), primary_key=True)
+    reason: Mapped[str] = mapped_column(CatalogText())
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -118,9 +146,9 @@ def make_engine(url: str | URL) -> Engine:
 
 # ---- migrations --------------------------------------------------------------------------------------
 def _v1_to_v2(session: Session) -> None:
-    """Schema 2 adds camera make/model and GPS position to items."""
-    for column, kind in (("camera_make", "VARCHAR(100)"), ("camera_model", "VARCHAR(100)"),
-                         ("gps_lat", "FLOAT"), ("gps_lon", "FLOAT")):
+    """Schema 2 adds camera make/model and GPS position to items (the types CatalogText gives)."""
+    text = "TEXT" if session.get_bind().dialect.name == "postgresql" else "VARCHAR(100)"
+    for column, kind in (("camera_make", text), ("camera_model", text), ("gps_lat", "FLOAT"), ("gps_lon", "FLOAT")):
         session.execute(sql_text(f"ALTER TABLE items ADD COLUMN {column} {kind}"))
 
 
@@ -152,6 +180,16 @@ def migrate(session: Session, found: int) -> None:
         found += 1
 
 
+def _no_writer_elsewhere(session: Session, home: Path) -> None:
+    """A reader that migrates a PostgreSQL catalog holds the writers' advisory lock for its transaction, so a
+    writer on another machine (whom the home's file lock may not reach) cannot run meanwhile."""
+    from retrieval.store.pg_lock import KEY
+
+    if not session.execute(sql_text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": KEY}).scalar():
+        raise IndexLocked(f"the catalog of {home} needs an upgrade, but a writer is running; run this again "
+                          f"when it finishes")
+
+
 def prepare(engine: Engine, home: Path, writable: bool) -> None:
     """Make the tables (writers), refuse a newer schema, migrate an older one in one transaction.
 
@@ -177,6 +215,8 @@ def prepare(engine: Engine, home: Path, writable: bool) -> None:
                 raise schema_too_new(home, found)
             if found < SCHEMA_VERSION:
                 lock = None if writable else WriterLock(home)
+                if not writable and engine.dialect.name == "postgresql":
+                    _no_writer_elsewhere(s, home)
                 migrate(s, found)
                 row.value = str(SCHEMA_VERSION)
     finally:

@@ -260,6 +260,10 @@ class SqliteReader:
                                      f"({_marks(chunk)})", chunk))
         return used
 
+    def catalog_bytes(self) -> int:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return sum(p.stat().st_size for p in (self.path, wal) if p.is_file())
+
     @_locked
     def text_hashes(self, corpus: str) -> set[str]:
         return set(self._column("SELECT sha256 FROM items WHERE modality = 'text' AND corpus = ?", (corpus,)))

@@ -9,9 +9,10 @@ records the file's checksums (checksums.py); opening checks them cheaply, `repai
 A read-only store holds the catalog snapshot its vectors were loaded from (for SNAPSHOT_HOLD_S at most, so
 writers' checkpoints never wait long), so its rows always match its vectors; `refresh` loads the latest.
 
-Every catalog read goes through one `CatalogReader` (reader.py; SqliteReader for SQLite), writers' reads
-too; writes and migrations go through SQLAlchemy (schema.py, writes.py), imported only when needed, so a
-query process never loads it. The ANN bookkeeping lives in ann_upkeep.py.
+Every catalog read goes through one `CatalogReader` (reader.py; SqliteReader, or PgReader where location.py
+says the catalog is PostgreSQL's: same protocol, REPEATABLE READ snapshots), writers' reads too; writes and
+migrations go through SQLAlchemy (schema.py, writes.py), imported only when needed, so a query process never
+loads it. The ANN bookkeeping lives in ann_upkeep.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from retrieval.model.spec import Fingerprint
 from retrieval.store import ann, checksums, guards
 from retrieval.store import vectors as vec
 from retrieval.store.ann_upkeep import AnnUpkeep, Log, QuerySource
+from retrieval.store.location import CatalogLocation, resolve
 from retrieval.store.lock import WriterLock
 from retrieval.store.reader import CatalogReader
 from retrieval.store.reads import StoreReads
@@ -43,7 +45,6 @@ from retrieval.store.records import (
     schema_too_new,
 )
 from retrieval.store.repair import StoreRepair
-from retrieval.store.sqlite_reader import SqliteReader
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -54,16 +55,17 @@ SNAPSHOT_HOLD_S = 300.0  # how long a read-only store keeps its load's snapshot 
 
 
 class Store(StoreReads, StoreRepair):
-    """An index home: catalog.sqlite + one FAISS file per modality. Open with `Store.open`.
+    """An index home: a catalog (`catalog`: SQLite or PostgreSQL) + one FAISS file per modality; `Store.open`.
 
-    Reads go through `reader` (stdlib sqlite3), opened once the schema is current; writes go through
+    Reads go through `reader` (stdlib sqlite3, or psycopg), opened once the schema is current; writes go through
     SQLAlchemy (`engine`, created on first use), so a read-only store imports SQLAlchemy only to migrate
     an older catalog.
     """
 
-    def __init__(self, home: Path, writable: bool, lock: WriterLock | None, mmap: bool | None = None
-                 ) -> None:
+    def __init__(self, home: Path, writable: bool, lock: WriterLock | None, mmap: bool | None = None,
+                 catalog: CatalogLocation | None = None) -> None:
         self.home = home
+        self.catalog = catalog or CatalogLocation(home)
         self.writable = writable
         self._lock = lock
         self.mmap = False if writable else mmap  # None: map files larger than a quarter of free memory
@@ -72,7 +74,7 @@ class Store(StoreReads, StoreRepair):
         self._engine: Engine | None = None
         # A writer opens its reader only once the schema exists (schema.prepare), a reader at once: it
         # checks the schema version itself.
-        self._reader: CatalogReader | None = None if writable else SqliteReader(home / CATALOG)
+        self._reader: CatalogReader | None = None if writable else self.catalog.reader()
         self.fingerprint: Fingerprint | None = None
         self.indexes: dict[str, Any] = {}
         self.generations: dict[str, int] = {}
@@ -83,9 +85,11 @@ class Store(StoreReads, StoreRepair):
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, home: str | Path, *, create: bool = False, writable: bool = False,
-             check: bool = True, mmap: bool | None = None, salvage: bool = False) -> Store:
+             check: bool = True, mmap: bool | None = None, salvage: bool = False, catalog: str | None = None
+             ) -> Store:
         """Open (or with `create`, make) an index; writers take the home's lock; `check` verifies agreement.
-        `salvage` (repair) first rebuilds a catalog SQLite cannot read (salvage.py).
+        `salvage` (repair) first rebuilds a catalog SQLite cannot read (salvage.py). `catalog`: a new index's
+        catalog URL (location.py: PostgreSQL, or sqlite; the home's pointer file records it).
 
         Readers memory-map vector files with `mmap=True`, or by default when a file is larger than a
         quarter of free memory or an ANN index serves the queries (the exact vectors are then only
@@ -93,21 +97,23 @@ class Store(StoreReads, StoreRepair):
         """
         home = Path(home).expanduser().absolute()
         guards.check_home(home, writable)  # under a file, or read-only for a writer: one line
-        if not (home / CATALOG).is_file() and not (salvage and any(guards.vector_files(home).values())):
+        where = resolve(home, catalog)
+        if not where.exists() and not (salvage and any(guards.vector_files(home).values())):
             if not create:
                 raise IndexMissing(f"no index in {home} yet; build one with `crossmodal index FOLDER`")
             guards.make_home(home)
-        lock = WriterLock(home) if writable else None
+        lock = where.writer_lock() if writable else None
         store: Store | None = None
         try:
             from retrieval.store import salvage as salvaging
 
-            why = salvaging.damage(home) if salvage else None
+            why = salvaging.damage(home) if salvage and not where.is_postgres else None
             notes = salvaging.rebuild(home, why) if why else []
-            store = cls(home, writable, lock, mmap)
+            store = cls(home, writable, lock, mmap, where)
             store.salvaged = notes
             store._prepare_schema()
             store._load(check=check)
+            where.record(writable)
         except BaseException as e:
             if store is not None:
                 store.close()  # releases the lock too
@@ -123,12 +129,9 @@ class Store(StoreReads, StoreRepair):
     def engine(self) -> Engine:
         """The SQLAlchemy engine, made (and SQLAlchemy imported) on first use: writers and migrations."""
         if self._engine is None:
-            from sqlalchemy.engine import URL
-
             from retrieval.store.schema import make_engine
 
-            # URL.create: `?`, `%` or `#` in the home are part of the file name, never a query string
-            self._engine = make_engine(URL.create("sqlite", database=str(self.home / CATALOG)))
+            self._engine = make_engine(self.catalog.engine_url())
         return self._engine
 
     @property
@@ -145,9 +148,8 @@ class Store(StoreReads, StoreRepair):
         needs no SQLAlchemy until something is written (an unchanged `index` re-run writes nothing, and
         importing SQLAlchemy was a third of its time). Only a new or older catalog needs it here.
         """
-        catalog = self.home / CATALOG
-        if self._reader is None and catalog.is_file() and catalog.stat().st_size > 0:
-            self._reader = SqliteReader(catalog)
+        if self._reader is None and self.catalog.present():
+            self._reader = self.catalog.reader()
         if self._reader is not None:
             try:
                 found = self._reader.schema_version() if self._reader.has_catalog() else None
@@ -160,16 +162,17 @@ class Store(StoreReads, StoreRepair):
                 raise guards.lost_catalog(self.home) or no_catalog(self.home)
             if found is not None and found > SCHEMA_VERSION:
                 raise schema_too_new(self.home, found)
+            self.catalog.refuse_foreign(self._reader, found)
             if found == SCHEMA_VERSION:
                 return
-        lost = guards.lost_catalog(self.home)
+        lost = guards.lost_catalog(self.home, self._reader)
         if lost is not None:  # a fresh schema here would orphan every vector file
             raise lost
         from retrieval.store import schema
 
         schema.prepare(self.engine, self.home, self.writable)
         if self._reader is None:
-            self._reader = SqliteReader(self.home / CATALOG)
+            self._reader = self.catalog.reader()
 
     def _should_map(self, path: Path, ann_serves: bool) -> bool:
         if self.writable:

@@ -145,11 +145,14 @@ def ray_embedder(settings: RaySettings, spec: ModelSpec, checkpoint_sha: str | N
                 if on_start:
                     on_start(time.perf_counter() - t0)
                 home = str(store.home) if thumbnails else None
-                for path in distributed.embed_files(send, settings, spec, checkpoint_sha,
-                                                    fp, folder, home):
-                    done += merger.take(path, fresh=True)
-                    if progress:
-                        progress(done, len(work))
+                stream = distributed.embed_files(send, settings, spec, checkpoint_sha, fp, folder, home)
+                try:
+                    for path in stream:
+                        done += merger.take(path, fresh=True)
+                        if progress:
+                            progress(done, len(work))
+                finally:
+                    stream.close()  # stops the Ray Data execution (and its actors) now, also on an error
             for p in sorted(merger.pending):  # Ray found no such file any more
                 report.skipped.append((to_catalog(p), VANISHED))
             merger.pending.clear()

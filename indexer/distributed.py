@@ -175,9 +175,7 @@ def embed_files(files: Sequence[FileEntry], settings: RaySettings, spec: ModelSp
     ctx.print_on_execution_start = settings.progress
     n, gpus, cpus, threads = _resources(ray, settings.actors)
     ds = ray.data.read_binary_files([f.path for f in files], include_paths=True, ignore_missing_paths=True,
-                                    filesystem=pafs.LocalFileSystem(), num_cpus=READ_CPUS,
-                                    override_num_blocks=max(1, min(len(files) // max(1, settings.shard_size),
-                                                                   4 * n * 8)) or 1)
+                                    filesystem=pafs.LocalFileSystem(), num_cpus=READ_CPUS)
     kwargs = {"spec": spec, "checkpoint_sha": checkpoint_sha, "fingerprint": fp.to_json(), "folder": str(folder),
               "thumbs_home": thumbs_home, "batch_size": settings.batch_size, "threads": threads}
     out = ds.map_batches(ShardEmbedder, fn_constructor_kwargs=kwargs, batch_size=settings.shard_size,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ def read_shard(path: Path) -> Shard | None:
             return None
         rows = [ShardRow(**{**r, "meta": PhotoMeta(**r["meta"])}) for r in head["rows"]]
         failed = [ShardFailure(**f) for f in head["failed"]]
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
     if len(rows) != len(vectors) or (tokens is not None and len(tokens) != len(rows)):
         return None

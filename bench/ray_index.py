@@ -11,9 +11,10 @@ A benchmark, not a test. On the same folder of real photos (hard links to the fi
 interleaved, --repeats times, and reports medians: images/s over the run's own clock (the report's
 `seconds`, which includes Ray's start-up), the ratio of each Ray mode to the local run, Ray's start-up cost
 (`ray.init` + shutdown alone, and the fixed cost of a --ray run on a 2-photo folder over a local one), and
-the steady images/s with that fixed cost taken out. From the steady per-actor figure it prints a paper
-estimate of wall time and machines for 100M and 1B images (CPU actors as measured here; GPU actors at
---gpu-ips, an assumption, stated as such, since no GPU was measured).
+the steady images/s with that fixed cost taken out, and one core's decode rate on the same photos. From
+those it prints a paper estimate of wall time and machines for 100M and 1B images (CPU actors as measured
+here; GPU actors at --gpu-ips, an assumption, stated as such, since no GPU was measured, bounded by the
+decode cores that feed them).
 
   .venv/bin/python bench/ray_index.py --random-weights --limit 48 --repeats 3 --json /tmp/ray_bench.json
 
@@ -67,15 +68,35 @@ def ray_init_cost(env: dict[str, str]) -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
-def estimate(steady_ips_per_actor: float, gpu_ips: float, cores: int) -> list[dict[str, object]]:
-    """Wall time on one machine, and machines for a one-day run, for 100M and 1B images."""
+def decode_rate(folder: Path, limit: int = 16) -> float:
+    """Images/s one core decodes (the project's decode path, thumbnails included) on these photos."""
+    from indexer.decode import decode_entry
+    from indexer.scan import scan
+    from retrieval.media.decode import Preprocess
+
+    files = scan([folder]).files[:limit]
+    with tempfile.TemporaryDirectory() as thumbs:
+        t0 = time.perf_counter()
+        for f in files:
+            decode_entry(f, Preprocess(), thumbs)
+        return len(files) / (time.perf_counter() - t0)
+
+
+def estimate(cpu_ips: float, decode_ips: float, gpu_ips: float, cores: int) -> list[dict[str, object]]:
+    """Days on one machine, and machines for a one-day run, for 100M and 1B images: CPU actors as measured;
+    a GPU actor as built (it decodes on its own core, so it runs at the slower of the GPU and one core's
+    decode); and the GPU fed by enough decode cores (a decode stage on CPU tasks, not built)."""
     out: list[dict[str, object]] = []
+    fed_cores = -(-gpu_ips // decode_ips)
     for n in (100_000_000, 1_000_000_000):
-        for kind, ips, per in (("cpu", steady_ips_per_actor, f"{cores}-core machine, 1 actor (measured)"),
-                               ("gpu", gpu_ips, "1 GPU actor (assumed, not measured)")):
-            days_one = n / ips / 86400
+        for kind, ips, per in (
+                ("cpu", cpu_ips, f"{cores}-core machine, 1 actor (measured)"),
+                ("gpu, decode in the actor", min(gpu_ips, decode_ips), "1 GPU actor + 1 core (decode-bound)"),
+                ("gpu, fed", gpu_ips, f"1 GPU + {int(fed_cores)} decode cores (GPU rate assumed)")):
+            days = n / ips / 86400
             out.append({"images": n, "actor": kind, "per": per, "images_per_s": round(ips, 1),
-                        "days_on_one": round(days_one, 1), "machines_for_one_day": int(-(-days_one // 1))})
+                        "days_on_one": round(days, 1), "for_one_day": int(-(-days // 1)),
+                        "decode_core_hours": round(n / decode_ips / 3600)})
     return out
 
 
@@ -132,7 +153,9 @@ def main() -> None:
         "steady_images_per_s": {m: round(n / max(1e-9, s - (fixed if m != "local" else 0.0)), 2)
                                 for m, s in med.items()},
     }
-    out["estimate"] = estimate(out["steady_images_per_s"]["ray-1"], args.gpu_ips, os.cpu_count() or 1)
+    out["decode_images_per_s_per_core"] = round(decode_rate(work / "photos"), 1)
+    out["estimate"] = estimate(out["steady_images_per_s"]["ray-1"], out["decode_images_per_s_per_core"],
+                               args.gpu_ips, os.cpu_count() or 1)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -19,6 +19,7 @@ from retrieval.store import Store
 from tests.helpers import TEST_MODEL, cli_in_process, make_photo_folder
 
 pytestmark = pytest.mark.cluster
+GOOD = 12  # make_photo_folder's 11 good images and one with URL syntax in its name
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def _same(a: dict[str, object], b: dict[str, object]) -> None:
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_photo_folder(tmp_path_factory.mktemp("ray") / "library")
+    lib = make_photo_folder(tmp_path_factory.mktemp("ray") / "library")
+    shutil.copy(lib["img01"], lib["root"] / "odd #1 ?x %20;y.png")  # URL syntax in a name stays a name
+    return lib
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def local_home(tmp_path_factory: pytest.TempPathFactory, encoder, library) -> Pa
     with Store.open(home, create=True, writable=True) as store:
         record_model(store, encoder)
         r = index_paths(store, encoder, [str(library["root"])], batch_size=4, workers=0)
-    assert r.added == 11 and len(r.skipped) == 3
+    assert r.added == GOOD and len(r.skipped) == 3
     return home
 
 
@@ -94,7 +97,7 @@ def test_ray_run_commits_what_a_local_run_does(ray_session, cli_state, tmp_path,
     _same(_state(home), _state(local_home))
     assert not (home / "shards").exists()  # every shard merged and deleted
     again = cli_in_process(*_index_args(library, checkpoint, "--ray", "auto"), home=home)
-    assert again.exit_code == 0 and '"unchanged": 11' in again.stdout  # an unchanged re-run embeds nothing
+    assert again.exit_code == 0 and f'"unchanged": {GOOD}' in again.stdout  # an unchanged re-run embeds nothing
 
 
 @pytest.mark.slow
@@ -131,7 +134,7 @@ def test_killed_run_resumes_from_its_shards(ray_session, tmp_path, encoder, chec
                         embed=ray_embedder(settings, spec, sha, commit_every=2))
         committed = store.count("image")
         folder = folder_for(home, store.fingerprint)
-    assert 0 < committed < 11
+    assert 0 < committed < GOOD
     left = sorted(folder.glob("*.shard.npz"))
     # A merged shard whose deletion the kill cut short, and a worker's half-written shard.
     shutil.copy(side / taken[0].name, folder / taken[0].name)
@@ -153,10 +156,48 @@ def test_killed_run_resumes_from_its_shards(ray_session, tmp_path, encoder, chec
     with Store.open(home, writable=True) as store:
         r = index_paths(store, encoder, [str(library["root"])],
                         embed=ray_embedder(settings, spec, sha, commit_every=2))
-    assert sum(sent) == 14 - committed - len(held)  # only what no shard held went to Ray
-    assert r.added == 11 - committed
+    assert sum(sent) == GOOD + 3 - committed - len(held)  # only what no shard held went to Ray
+    assert r.added == GOOD - committed
     _same(_state(home), _state(local_home))
     assert not (home / "shards").exists()
+
+
+class DyingOnce:
+    """Stands in for ShardEmbedder (imported by Ray's workers from this module): the first call in a home
+    kills its actor process, as a lost machine would."""
+
+    def __init__(self, **kwargs: object) -> None:
+        from indexer.distributed import ShardEmbedder
+
+        self.inner = ShardEmbedder(**kwargs)  # type: ignore[arg-type]
+        self.marker = Path(str(kwargs["folder"])).parents[1] / "an-actor-died"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.marker.exists():
+            self.marker.write_text("once")
+            os._exit(1)
+        return self.inner(batch)
+
+
+@pytest.mark.slow
+def test_a_lost_actor_is_restarted_and_its_batch_retried(ray_session, tmp_path, encoder, checkpoint, library,
+                                                         local_home, monkeypatch) -> None:  # noqa: ANN001
+    from indexer import distributed
+    from indexer.distributed import RaySettings
+    from indexer.shard_merge import ray_embedder
+    from retrieval.model.recorded import record_model
+    from retrieval.model.spec import ModelSpec
+
+    monkeypatch.setattr(distributed, "ShardEmbedder", DyingOnce)
+    spec = ModelSpec(name=TEST_MODEL, pretrained=str(checkpoint), device="cpu", precision="fp32")
+    home = tmp_path / "home"
+    with Store.open(home, create=True, writable=True) as store:
+        record_model(store, encoder)
+        r = index_paths(store, encoder, [str(library["root"])],
+                        embed=ray_embedder(RaySettings(shard_size=4, batch_size=2, actors=1), spec,
+                                           encoder.fingerprint.weights.split(":", 1)[1]))
+    assert (home / "an-actor-died").read_text() == "once" and r.added == GOOD
+    _same(_state(home), _state(local_home))
 
 
 def test_ray_missing_is_one_line(cli_state, tmp_path, library, checkpoint, monkeypatch) -> None:  # noqa: ANN001

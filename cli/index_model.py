@@ -54,7 +54,7 @@ def ray_step(store: Store, source: Encoder | ModelOnDemand, asked: tuple[str | N
     if store.fingerprint is None and isinstance(source, ModelOnDemand):
         source()
     spec, sha = requested_spec(store, *asked)
-    settings = RaySettings(address, actors, shard_size, batch_size or DEFAULT_BATCH_SIZE, progress=not quiet)
+    settings = RaySettings(address, actors, shard_size, batch_size or DEFAULT_BATCH_SIZE)  # our progress line only
 
     def started(seconds: float) -> None:
         if not quiet:

@@ -63,6 +63,9 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on loopback needs no token
+    # Ray's C++ core logs a warning per actor pool that Ray Data puts constructor arguments in the object
+    # store (ray#53727): harmless here (the arguments are small and re-sent), and noise on a user's terminal.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if address == "auto":
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     else:

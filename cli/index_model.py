@@ -48,13 +48,12 @@ def ray_step(store: Store, source: Encoder | ModelOnDemand, asked: tuple[str | N
     preprocessing); the actors load the recorded model from its spec."""
     from indexer.distributed import RaySettings
     from indexer.shard_merge import ray_embedder
-    from retrieval.config import DEFAULT_BATCH_SIZE
     from retrieval.model.recorded import ModelOnDemand, requested_spec
 
     if store.fingerprint is None and isinstance(source, ModelOnDemand):
         source()
     spec, sha = requested_spec(store, *asked)
-    settings = RaySettings(address, actors, shard_size, batch_size or DEFAULT_BATCH_SIZE)  # our progress line only
+    settings = RaySettings(address, actors, shard_size, batch_size)  # Ray Data's bars off: our progress line only
 
     def started(seconds: float) -> None:
         if not quiet:

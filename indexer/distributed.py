@@ -51,7 +51,7 @@ class RaySettings:
     address: str = "auto"  # "auto": start a local Ray instance; else a cluster address (ray://host:10001, ...)
     actors: int | None = None  # model actors (None: one per GPU, else one)
     shard_size: int = 256  # images per shard file (one actor call)
-    batch_size: int = 32  # images per model call inside an actor
+    batch_size: int | None = None  # images per model call inside an actor (None: the device's default)
     progress: bool = False  # Ray Data's progress bars on stderr
 
 
@@ -78,7 +78,7 @@ class ShardEmbedder:
     one shard file. Constructed by Ray Data from `fn_constructor_kwargs`."""
 
     def __init__(self, spec: ModelSpec, checkpoint_sha: str | None, fingerprint: str, folder: str,
-                 thumbs_home: str | None, batch_size: int, threads: int) -> None:
+                 thumbs_home: str | None, batch_size: int | None, threads: int) -> None:
         import torch
 
         from retrieval.model.torch_encoder import load_encoder
@@ -92,7 +92,10 @@ class ShardEmbedder:
                             f"{recorded.describe()}")
         self.folder = Path(folder)
         self.home = thumbs_home
-        self.batch_size = max(1, batch_size)
+        from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
+
+        default = DEFAULT_CUDA_BATCH_SIZE if self.encoder.device == "cuda" else DEFAULT_BATCH_SIZE
+        self.batch_size = max(1, batch_size or default)
         try:
             self.encoder.check_tokens()
             self.tokens = True

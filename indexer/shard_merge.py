@@ -10,7 +10,9 @@ after the commit that holds its images, so a kill at any moment loses at most wo
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from indexer import distributed
@@ -23,6 +25,7 @@ from retrieval.model.recorded import record_image_precision
 from retrieval.model.spec import ModelSpec
 from retrieval.rerank.token_cache import TokenCacheWriter
 from retrieval.store import ImageRecord, Store
+from retrieval.store.bulk import ann_built_once
 from retrieval.store.paths import to_catalog
 
 VANISHED = "file vanished during the run"
@@ -110,65 +113,72 @@ class _Merger:
 def ray_embedder(settings: RaySettings, spec: ModelSpec, checkpoint_sha: str | None, thumbnails: bool = True,
                  commit_every: int = COMMIT_EVERY,
                  on_start: Callable[[float], None] | None = None) -> EmbedFn:
-    """An `index_paths` embed step that runs on Ray. `on_start` gets
-    Ray's start-up (or join) time in seconds."""
+    """An `index_paths` embed step that runs on Ray. `on_start` gets Ray's start-up (or join) time in seconds.
+
+    A run that at least doubles the index holds the ANN upkeep and builds the ANN index once at the end
+    (retrieval/store/bulk.py): trained once on a sample of everything merged, instead of at every stage."""
 
     def embed(store: Store, work: list[tuple[FileEntry, int | None]], report: IndexReport,
               progress: ProgressFn | None) -> None:
-        import time
-
         fp = store.fingerprint
         if fp is None:
             raise RuntimeError("record the model before embedding on Ray")
         folder = folder_for(store.home, fp)
         sweep_temp(folder)  # no worker of this run has started: every temp file is a dead one's
         merger = _Merger(store, work, report, commit_every)
-        done = 0
-        started = False
-        try:
-            for path in list(complete_shards(folder)):
-                done += merger.take(path, fresh=False)
-            send: list[FileEntry] = []
-            for p in sorted(merger.pending):
-                why = _ray_name_problem(p)
-                if why:
-                    report.skipped.append((to_catalog(p), why))
-                    merger.pending.discard(p)
-                    done += 1
-                else:
-                    send.append(merger.todo[p][0])
-            if progress:
-                progress(done, len(work))
-            if send:
-                t0 = time.perf_counter()
-                started = distributed.connect(settings.address)
-                if on_start:
-                    on_start(time.perf_counter() - t0)
-                home = str(store.home) if thumbnails else None
-                stream = distributed.embed_files(send, settings, spec, checkpoint_sha, fp, folder, home)
-                try:
-                    for path in stream:
-                        done += merger.take(path, fresh=True)
-                        if progress:
-                            progress(done, len(work))
-                finally:
-                    stream.close()  # stops the Ray Data execution (and its actors) now, also on an error
-            for p in sorted(merger.pending):  # Ray found no such file any more
-                report.skipped.append((to_catalog(p), VANISHED))
-            merger.pending.clear()
-        finally:
+        bulk = ann_built_once(store) if len(work) >= store.count("image") else nullcontext()
+        with bulk:
             try:
+                _merge_all(merger, folder, settings, spec, checkpoint_sha, thumbnails, on_start, progress)
+            finally:
                 merger.finish()
                 store.record_skipped(report.skipped)
                 report.workers = None
-            finally:
-                if started:
-                    import ray
-
-                    ray.shutdown()
         _remove_if_empty(folder)
 
     return embed
+
+
+def _merge_all(merger: _Merger, folder: Path, settings: RaySettings, spec: ModelSpec, checkpoint_sha: str | None,
+               thumbnails: bool, on_start: Callable[[float], None] | None, progress: ProgressFn | None) -> None:
+    """Merge a killed run's shards, then embed the rest on Ray and merge its shards as they come."""
+    store, report = merger.store, merger.report
+    total = len(merger.todo)
+    done = sum(merger.take(path, fresh=False) for path in list(complete_shards(folder)))
+    send: list[FileEntry] = []
+    for p in sorted(merger.pending):
+        why = _ray_name_problem(p)
+        if why:
+            report.skipped.append((to_catalog(p), why))
+            merger.pending.discard(p)
+            done += 1
+        else:
+            send.append(merger.todo[p][0])
+    if progress:
+        progress(done, total)
+    if send and store.fingerprint is not None:
+        t0 = time.perf_counter()
+        started = distributed.connect(settings.address)
+        try:
+            if on_start:
+                on_start(time.perf_counter() - t0)
+            home = str(store.home) if thumbnails else None
+            stream = distributed.embed_files(send, settings, spec, checkpoint_sha, store.fingerprint, folder, home)
+            try:
+                for path in stream:
+                    done += merger.take(path, fresh=True)
+                    if progress:
+                        progress(done, total)
+            finally:
+                stream.close()  # stops the Ray Data execution (and its actors) now, also on an error
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    for p in sorted(merger.pending):  # Ray found no such file any more
+        report.skipped.append((to_catalog(p), VANISHED))
+    merger.pending.clear()
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -177,4 +187,3 @@ def _remove_if_empty(folder: Path) -> None:
             p.rmdir()
         except OSError:
             return
-

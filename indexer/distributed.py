@@ -81,6 +81,7 @@ class ShardEmbedder:
                  thumbs_home: str | None, batch_size: int | None, threads: int) -> None:
         import torch
 
+        from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
         from retrieval.model.torch_encoder import load_encoder
 
         if spec.device in ("auto", "cpu") and threads > 0:
@@ -92,8 +93,6 @@ class ShardEmbedder:
                             f"{recorded.describe()}")
         self.folder = Path(folder)
         self.home = thumbs_home
-        from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
-
         default = DEFAULT_CUDA_BATCH_SIZE if self.encoder.device == "cuda" else DEFAULT_BATCH_SIZE
         self.batch_size = max(1, batch_size or default)
         try:

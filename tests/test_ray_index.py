@@ -1,6 +1,7 @@
 """`index --ray`: Ray Data embeds into shard files the driver merges; the result is a local run's, and a
 killed run resumes from its shards. One local Ray instance (2 CPUs, a small object store, loopback) serves
-the module; the CLI runs in-process so `--ray auto` joins it instead of starting another."""
+the module's `cluster` tests (module scope: it is torn down before the rest of the suite runs); the CLI runs
+in-process so `--ray auto` joins it instead of starting another. The refusals need no Ray."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from indexer.pipeline import index_paths
 from retrieval.store import Store
 from tests.helpers import TEST_MODEL, cli_in_process, make_photo_folder
 
-pytestmark = pytest.mark.cluster
 GOOD = 12  # make_photo_folder's 11 good images and one with URL syntax in its name
 
 
@@ -88,6 +88,7 @@ def _index_args(library: dict[str, Path], checkpoint: Path, *extra: str) -> list
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_ray_run_commits_what_a_local_run_does(ray_session, cli_state, tmp_path, library, checkpoint,
                                                local_home) -> None:  # noqa: ANN001
     home = tmp_path / "home"
@@ -101,6 +102,7 @@ def test_ray_run_commits_what_a_local_run_does(ray_session, cli_state, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_killed_run_resumes_from_its_shards(ray_session, tmp_path, encoder, checkpoint, library, local_home,
                                             monkeypatch) -> None:  # noqa: ANN001
     from indexer import distributed, shard_merge
@@ -180,6 +182,7 @@ class DyingOnce:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_lost_actor_is_restarted_and_its_batch_retried(ray_session, tmp_path, encoder, checkpoint, library,
                                                          local_home, monkeypatch) -> None:  # noqa: ANN001
     from indexer import distributed
@@ -208,3 +211,11 @@ def test_ray_missing_is_one_line(cli_state, tmp_path, library, checkpoint, monke
     assert len(lines) == 1 and lines[0].endswith("error: --ray needs Ray Data and pyarrow: pip install "
                                                  "'crossmodal[cluster]'"), res.stderr
     assert not (tmp_path / "home").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flag", [["--workers", "2"], ["--gpu-decode"], ["--precision", "int8"]])
+def test_local_pipeline_flags_are_refused_with_ray(cli_state, tmp_path, library, checkpoint, flag) -> None:  # noqa: ANN001
+    args = [a for a in _index_args(library, checkpoint, "--ray", "auto") if a not in ("--precision", "fp32")]
+    res = cli_in_process(*args, *flag, home=tmp_path / "home")
+    assert res.exit_code == 2 and "with --ray each actor decodes and embeds" in res.stderr, res.stderr
+    assert not (tmp_path / "home").exists()

@@ -17,7 +17,7 @@ import pytest
 
 from indexer.pipeline import index_paths
 from retrieval.store import Store
-from tests.helpers import TEST_MODEL, cli_in_process, make_photo_folder
+from tests.helpers import TEST_MODEL, cli_in_process, make_photo_folder, run_cli
 
 GOOD = 12  # make_photo_folder's 11 good images and one with URL syntax in its name
 
@@ -162,6 +162,21 @@ def test_killed_run_resumes_from_its_shards(ray_session, tmp_path, encoder, chec
     assert r.added == GOOD - committed
     _same(_state(home), _state(local_home))
     assert not (home / "shards").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.subprocess
+def test_an_address_joins_the_running_cluster(ray_session, tmp_path, library, checkpoint, local_home) -> None:  # noqa: ANN001
+    import ray
+
+    address = ray.get_runtime_context().gcs_address  # the module's instance, as a cluster's head
+    home = tmp_path / "home"
+    res = run_cli(*_index_args(library, checkpoint, "--ray", address, "--shard-size", "5"), home=home,
+                  env={"RAY_AUTH_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr
+    _same(_state(home), _state(local_home))
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2  # joined, not started or stopped
 
 
 class DyingOnce:

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,8 +125,11 @@ def test_killed_run_resumes_from_its_shards(ray_session, tmp_path, encoder, chec
         shutil.copy(path, side / path.name)  # kept, to bring back a shard that was merged
         taken.append(path)
         n = real_take(self, path, fresh)
-        if len(taken) == 3:
-            raise KeyboardInterrupt  # the run dies right after merging three shards
+        if len(taken) == 3:  # the run dies right after merging three shards, once an actor wrote a fourth
+            deadline = time.monotonic() + 120
+            while not set(path.parent.glob("*.shard.npz")) - set(taken) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            raise KeyboardInterrupt
         return n
 
     with Store.open(home, create=True, writable=True) as store:

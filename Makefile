@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	CROSSMODAL_CPU_FLAGS="$(CPU_AVX2)" $(PY) -m pytest -q
-	CROSSMODAL_CPU_FLAGS="$(CPU_BF16)" $(PY) -m pytest -q -m "not postgres"
+	CROSSMODAL_CPU_FLAGS="$(CPU_BF16)" $(PY) -m pytest -q -m "not postgres and not cluster"
 
 # The inner loop: no slow tests, real CPU features.
 test-fast: $(STAMP)

@@ -25,7 +25,7 @@ from cli.common import (
     progress_printer,
     table,
 )
-from cli.index_model import check_int8, export_for_queries, model_source
+from cli.index_model import check_int8, check_ray, export_for_queries, model_source, ray_step
 from retrieval.config import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.errors import UserError
 
@@ -71,6 +71,13 @@ def index(
         "--catalog", help="Where a NEW index keeps its catalog: postgresql+psycopg://USER@HOST/DB (needs "
                           "crossmodal[cluster]) or sqlite (the default); the home remembers it "
                           "(CROSSMODAL_CATALOG overrides).")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="Embed on Ray Data: 'auto' starts a local Ray instance, an address (ray://host:10001) "
+                      "joins a cluster; needs pip install 'crossmodal[cluster]'")] = None,
+    actors: Annotated[int | None, typer.Option(
+        "--actors", min=1, max=4096, help="With --ray: model actors [default: one per GPU, else one]")] = None,
+    shard_size: Annotated[int, typer.Option(
+        "--shard-size", min=1, max=65536, help="With --ray: images per shard file (one actor call)")] = 256,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -91,6 +98,8 @@ def index(
       crossmodal index /archive --index-type auto --memory-budget 8G
 
       crossmodal --home /shared/idx index /archive --catalog postgresql+psycopg://me@dbhost/photos
+
+      crossmodal index /archive --ray auto --actors 2          (Ray Data on this machine; a killed run resumes)
     """
     from indexer.pipeline import index_paths
     from retrieval.model.recorded import ModelOnDemand, requested_spec
@@ -101,6 +110,8 @@ def index(
         if not p.expanduser().exists():
             raise UserError(f"no such file or folder: {p}")
     check_int8(precision, device)
+    if ray is not None:
+        check_ray(precision, gpu_decode, workers)
 
     with Store.open(home(), create=True, writable=True, catalog=catalog) as store:
         requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
@@ -122,11 +133,13 @@ def index(
             record_reranker(store, reranker)
         if index_type is not None or memory_budget is not None:  # recorded first; commits follow it
             _request_index_type(store, index_type, memory_budget, rebuild=False)
+        embed = None if ray is None else ray_step(store, source, (model, pretrained, device, precision), ray,
+                                                  actors, shard_size, batch_size, commit_every, quiet or json_out)
         update, stop = progress_printer("images", quiet)
         try:
             report = index_paths(store, source, [str(p) for p in paths], batch_size=batch_size,
                                  workers=workers, progress=update, commit_every=commit_every,
-                                 gpu_decode=gpu_decode)
+                                 gpu_decode=gpu_decode, embed=embed)
         finally:
             stop()
         if index_type is not None or memory_budget is not None:  # a switch with no new images builds now

@@ -16,6 +16,7 @@ from cli.common import err, home
 from retrieval.errors import UserError
 
 if TYPE_CHECKING:
+    from indexer.pipeline import EmbedFn
     from retrieval.model.protocol import Encoder
     from retrieval.model.recorded import ModelOnDemand
     from retrieval.model.spec import Fingerprint
@@ -26,6 +27,39 @@ def check_int8(precision: str, device: str) -> None:
     """--precision int8 is an image tower on ONNX Runtime's CPU kernels: refused with another device."""
     if precision == "int8" and device not in ("auto", "cpu"):
         raise UserError("--precision int8 runs the image tower on the CPU (ONNX Runtime); drop --device")
+
+
+def check_ray(precision: str, gpu_decode: bool | None, workers: int | None) -> None:
+    """--ray decodes and embeds in Ray actors: flags of the local decode path are refused, and a missing Ray
+    is one line before any work."""
+    from indexer.distributed import import_ray
+
+    for flag, given in (("--precision int8", precision == "int8"), ("--gpu-decode", bool(gpu_decode)),
+                        ("--workers", workers is not None)):
+        if given:
+            raise UserError(f"{flag} applies to a local run; with --ray each actor decodes and embeds")
+    import_ray()
+
+
+def ray_step(store: Store, source: Encoder | ModelOnDemand, asked: tuple[str | None, str | None, str, str],
+             address: str, actors: int | None, shard_size: int, batch_size: int | None, commit_every: int,
+             quiet: bool) -> EmbedFn:
+    """The embed step of a `--ray` run. A new index loads the model here once to record it (fingerprint and
+    preprocessing); the actors load the recorded model from its spec."""
+    from indexer.distributed import RaySettings
+    from indexer.shard_merge import ray_embedder
+    from retrieval.model.recorded import ModelOnDemand, requested_spec
+
+    if store.fingerprint is None and isinstance(source, ModelOnDemand):
+        source()
+    spec, sha = requested_spec(store, *asked)
+    settings = RaySettings(address, actors, shard_size, batch_size)  # Ray Data's bars off: our progress line only
+
+    def started(seconds: float) -> None:
+        if not quiet:
+            err(f"ray: {'started' if address == 'auto' else 'joined'} in {seconds:.1f} s")
+
+    return ray_embedder(settings, spec, sha, commit_every=commit_every, on_start=started)
 
 
 def model_source(store: Store, model: str | None, pretrained: str | None, device: str, precision: str,

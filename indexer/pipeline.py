@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # decoding is imported when there is something to decode: an 
     from indexer.decode import Decoded, Failed
 
 ProgressFn = Callable[[int, int], None]
+# Embeds and commits a run's work (files, and the id each replaces) in place of the local decode workers
+# (indexer/shard_merge.py: on Ray); it fills the report's added, updated and skipped and records skipped files.
+EmbedFn = Callable[["Store", "list[tuple[FileEntry, int | None]]", "IndexReport", "ProgressFn | None"], None]
 
 
 @dataclass
@@ -149,14 +152,15 @@ def default_batch_size(device: str) -> int:
 def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[str],
                 batch_size: int | None = None, workers: int | None = None, progress: ProgressFn | None = None,
                 commit_every: int = COMMIT_EVERY, thumbnails: bool = True,
-                gpu_decode: bool | None = None) -> IndexReport:
+                gpu_decode: bool | None = None, embed: EmbedFn | None = None) -> IndexReport:
     """Bring the index in line with `roots`: embed new and changed images, re-path moved ones (same content:
     the vector is kept), drop deleted ones. A re-run over an unchanged library only stats files.
 
     `encoder` may be a ModelOnDemand: the model is loaded only when a first image is decoded for embedding,
     so an unchanged re-run (or one whose only new files are broken) never loads it. `gpu_decode` None
     decodes JPEGs with nvJPEG when the model runs on CUDA; True forces that batched path on the encoder's
-    device whatever it is (on the CPU only to test it), False never uses it.
+    device whatever it is (on the CPU only to test it), False never uses it. `embed` (e.g. on Ray) replaces
+    the local decode-and-embed step; the scan, the diff, moves and removals stay the same.
     """
     started = time.perf_counter()
     found = scan(roots)
@@ -177,10 +181,13 @@ def index_paths(store: Store, encoder: Encoder | ModelOnDemand, roots: Sequence[
         # Files that failed before are retried; when nothing else is new, the model loads only if one of
         # them now decodes (no background load that a run of broken files would pay for).
         failed_before = {p for p, _ in store.skipped()}
-        if isinstance(encoder, ModelOnDemand) and any(to_catalog(f.path) not in failed_before for f, _ in work):
-            encoder.prefetch()  # the first images decode while the weights load
-        _embed(store, encoder, work, report, batch_size or default_batch_size(encoder.device), workers, progress,
-               commit_every, thumbnails, gpu_decode)
+        if embed is not None:
+            embed(store, work, report, progress)
+        else:
+            if isinstance(encoder, ModelOnDemand) and any(to_catalog(f.path) not in failed_before for f, _ in work):
+                encoder.prefetch()  # the first images decode while the weights load
+            _embed(store, encoder, work, report, batch_size or default_batch_size(encoder.device), workers,
+                   progress, commit_every, thumbnails, gpu_decode)
     else:
         store.record_skipped(report.skipped)
     report.removed = store.remove_images(todo.missing)

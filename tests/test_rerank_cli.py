@@ -111,8 +111,11 @@ def test_eval_and_train_reranker_commands(checkpoint, photos, tmp_path):
     model = ["--model", TEST_MODEL, "--pretrained", str(checkpoint)]
     nohome = tmp_path / "no-index"
     out = tmp_path / "eval.json"
-    doc = ok(run_cli("eval", str(tmp_path), "--split", "test", "--out", str(out), "--json", *model, home=nohome))
-    assert doc == json.loads(out.read_text())
+    dense_only = ok(run_cli("eval", str(tmp_path), "--split", "test", "--json", *model, home=nohome))
+    assert dense_only["reranked"] is None  # no trained reranker: dense unless --rerank asks
+    doc = ok(run_cli("eval", str(tmp_path), "--split", "test", "--out", str(out), "--json", "--rerank", *model,
+                     home=nohome))
+    assert doc == json.loads(out.read_text()) and doc["dense"] == dense_only["dense"]
     assert doc["images"] == 2 and doc["captions"] == 4
     assert set(doc["dense"]) == {"t2i", "i2t"} and set(doc["reranked"]["i2t"]) == {"R@1", "R@5", "R@10"}
     assert doc["dense"]["t2i"]["R@10"] == 100.0  # two images: everything is in the top 10

@@ -44,6 +44,10 @@ class AnnUpkeep:
         # Query vectors of a kind the store holds too few of (e.g. text for an index without captions):
         # set by whoever can embed them (the CLI gives the built-in vocabulary); None: tune without them.
         self.query_source: QuerySource | None = None
+        # Bulk merges (bulk.py): held modalities skip upkeep at each commit and are built once at the end;
+        # `behind` are those that missed a commit meanwhile.
+        self.held: set[str] = set()
+        self.behind: set[str] = set()
 
     def path(self, modality: str, gen: int) -> Path:
         return self.folder / f"{modality}-ann-{gen}.faiss"
@@ -98,6 +102,10 @@ class AnnUpkeep:
         and `meta` (the Store's copy) is updated with what the transaction records.
         """
         from retrieval.store import writes
+
+        if modality in self.held and not force:
+            self.behind.add(modality)  # its ANN index (if any) now lacks this commit: readers search exactly
+            return
 
         def record(key: str, value: str) -> None:
             writes.put_meta(s, key, value)
@@ -196,7 +204,8 @@ class AnnUpkeep:
                 changed = (old.requested, old.budget) != (req, budget)
                 self.problem.pop(m, None)
                 self.follow(s, m, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), meta, dim,
-                            force=force or changed and state.active, log=log)
+                            force=force or changed and state.active or m in self.behind, log=log)
+                self.behind.discard(m)
                 if self.problem.get(m, "").startswith("cannot build"):  # the caller's transaction rolls back
                     raise UserError(f"{m} vectors: {self.problem[m]}; nothing was changed")
             else:

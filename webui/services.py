@@ -260,8 +260,15 @@ def query_vector(_searcher: Searcher, signature: str, text: str = "", upload_sha
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the reranker…")
 def reranker(_searcher: Searcher, signature: str) -> Reranker | None:
-    """The index's co-attention reranker (recorded file or parameter-free), or None where unsupported."""
-    return open_reranker(_searcher, notify=log.info)
+    """The index's co-attention reranker (recorded file, else parameter-free: the toggle asked for it), or None
+    where the model has no token features."""
+    from retrieval.errors import TokensUnsupported
+
+    try:
+        return open_reranker(_searcher, True, notify=log.info)
+    except TokensUnsupported as e:
+        log.info("%s; showing dense results", e)
+        return None
 
 
 def reranked_pages(rr: Reranker, q: np.ndarray, text: str, k: int, flt: ImageFilter | None,

@@ -76,7 +76,7 @@ def measure(a: argparse.Namespace, scenes: Path, model_json: Path, model_pt: Pat
     import json
 
 
-    reranker = a.work / f"reranker-{sha256_file(model_pt)[:12]}-{a.reranker_images}x{a.reranker_epochs}.safetensors"
+    reranker = a.work / f"reranker-{sha256_file(model_pt)[:12]}-{a.reranker_images}x{a.reranker_epochs}-v2.safetensors"
     cache = reranker.with_suffix(".small.json")
     small = json.loads(cache.read_text()) if cache.is_file() else None
     if small is None:

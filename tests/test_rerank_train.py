@@ -51,3 +51,17 @@ def test_training_beats_the_dense_baseline():
     assert best > base + 0.4, (base, epochs)
     assert epochs[result.best_epoch - 1]["mean_R@1"] == best
     assert epochs[-1]["loss"] < epochs[0]["loss"] / 2
+
+
+def test_equal_captions_are_never_negatives() -> None:
+    """A generic caption ("one circle") shared by several images is positive for all of them: training must
+    not push those images apart (the quality lab's first trained reranker did, and fell far below dense)."""
+    from training.train_reranker import _positives
+
+    texts = ["one circle", "a red square", "One  circle", "a blue star"]
+    cap_img = np.asarray([0, 0, 1, 2])
+    img_caps = [np.asarray([0, 1]), np.asarray([2]), np.asarray([3])]
+    t2i, i2t = _positives(texts, cap_img, img_caps)
+    assert t2i == [{0, 1}, {0}, {0, 1}, {2}]
+    assert i2t == [{0, 1, 2}, {0, 2}, {3}]
+    assert _positives(None, cap_img, img_caps) == ([{0}, {0}, {1}, {2}], [{0, 1}, {2}, {3}])

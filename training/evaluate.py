@@ -144,6 +144,7 @@ class Features:
     text_pooled: np.ndarray  # (Nt, d) unit
     caption_image: np.ndarray  # (Nt,)
     logit_scale: float = 1 / 0.07
+    caption_texts: list[str] | None = None  # the captions themselves (training: equal texts are not negatives)
 
     @property
     def dim(self) -> int:
@@ -194,7 +195,8 @@ def extract_features(encoder: Any, pairs: Pairs, batch_size: int = 32, dtype: An
                     image_pooled=np.concatenate(img_pool) if img_pool else np.zeros((0, d), np.float32),
                     text_tokens=text_tokens, text_mask=text_mask, text_pooled=text_pooled,
                     caption_image=pairs.caption_image.copy(),
-                    logit_scale=float(scale.detach().exp()) if scale is not None else 1 / 0.07)
+                    logit_scale=float(scale.detach().exp()) if scale is not None else 1 / 0.07,
+                    caption_texts=list(pairs.captions))
 
 
 # ---- ranking --------------------------------------------------------------------------------------

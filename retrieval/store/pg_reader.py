@@ -28,6 +28,7 @@ import numpy as np
 from retrieval.errors import UserError
 from retrieval.store.catalog_url import mask
 from retrieval.store.reader import ITEM_FIELDS, DateBound
+from retrieval.store.reader_hold import TimedHold
 
 _Read = TypeVar("_Read", bound=Callable[..., Any])
 CONNECT_TIMEOUT_S = 10
@@ -69,7 +70,7 @@ def _locked(method: _Read) -> _Read:
     return run  # type: ignore[return-value]
 
 
-class PgReader:
+class PgReader(TimedHold):
     """Read-only access to a PostgreSQL catalog; one autocommit connection, transactions only where reads
     must agree (`snapshot`, `hold`)."""
 
@@ -93,10 +94,6 @@ class PgReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def held(self) -> bool:
-        return self._held
-
     def _begin(self) -> None:
         self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         self._db.execute("SELECT 1")  # the snapshot is taken by the first statement: now
@@ -107,27 +104,12 @@ class PgReader:
             self._open = False
             self._db.execute("ROLLBACK")  # read only: nothing to keep; also ends a failed transaction
 
-    def hold(self, hold_s: float | None = None) -> None:
-        """Keep one snapshot for every later read until `release` (or `hold_s` seconds: an open transaction
-        holds back VACUUM, as a held SQLite snapshot holds back checkpoints)."""
-        with self._guard:
-            self.release()
-            self._begin()
-            self._held = True
-            if hold_s is not None:
-                self._timer = threading.Timer(hold_s, self.release)
-                self._timer.daemon = True
-                self._timer.start()
+    def _open_snapshot(self) -> None:
+        self._begin()
 
-    def release(self) -> None:
-        with self._guard:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._held:
-                self._held = False
-                if not self._db.closed:
-                    self._end()
+    def _close_snapshot(self) -> None:
+        if not self._db.closed:
+            self._end()
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[PgReader]:

@@ -30,6 +30,7 @@ import numpy as np
 from retrieval.fsutil import can_write
 from retrieval.store.guards import REPAIR, CatalogDamaged
 from retrieval.store.reader import ITEM_FIELDS, DateBound
+from retrieval.store.reader_hold import TimedHold
 
 _CHUNK = 900  # below SQLite's default limit on bound parameters
 
@@ -81,7 +82,7 @@ def catalog_uri(path: Path) -> str:
     return uri + "?mode=ro"
 
 
-class SqliteReader:
+class SqliteReader(TimedHold):
     """Read-only access to `catalog.sqlite`; one connection, WAL-friendly (never blocks the indexer)."""
 
     def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
@@ -100,36 +101,15 @@ class SqliteReader:
             self.release()
             self._db.close()
 
-    @property
-    def held(self) -> bool:
-        """Whether reads still see the snapshot `hold` took."""
-        return self._held
+    def _open_snapshot(self) -> None:
+        """A read transaction that stays open (`hold`): a read-only Store loads vectors once, and its rows must
+        come from the same commit, or a `remove` in between leaves hits without rows. WAL keeps the snapshot
+        while writers commit, but cannot checkpoint past it: hence `hold_s`."""
+        self._db.execute("BEGIN")
+        self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
 
-    def hold(self, hold_s: float | None = None) -> None:
-        """Start a read transaction that stays open: every later read sees this one committed state.
-
-        Why: a read-only Store loads vectors once; its rows must come from the same commit, or a `remove`
-        in between leaves hits without rows. WAL keeps the snapshot while writers commit, but cannot
-        checkpoint past it, so after `hold_s` seconds (None: never) `release` runs by itself."""
-        with self._guard:
-            self.release()
-            self._db.execute("BEGIN")
-            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
-            self._held = True
-            if hold_s is not None:
-                self._timer = threading.Timer(hold_s, self.release)
-                self._timer.daemon = True
-                self._timer.start()
-
-    def release(self) -> None:
-        """End the held snapshot (reads see the latest commit from now on); idempotent."""
-        with self._guard:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._held:
-                self._held = False
-                self._db.execute("COMMIT")
+    def _close_snapshot(self) -> None:
+        self._db.execute("COMMIT")
 
     def __enter__(self) -> SqliteReader:
         return self

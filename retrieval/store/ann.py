@@ -35,12 +35,14 @@ from retrieval.store.ann_choice import (
     TARGET_RECALL,
     TYPES,
     AnnState,
+    auto_target,
     check_buildable,
     check_factory,
     codes,
     default_budget,
     family,
     hnsw_bytes,
+    ivf_instead,
     min_vectors,
     needs_rebuild,
     nlist_for,
@@ -53,7 +55,7 @@ from retrieval.store.ann_choice import (
 __all__ = ["TYPES", "FLAT", "FLAT_MAX", "HNSW_MAX", "MIN_TRAIN", "TARGET_RECALL", "DEAD_REBUILD", "REGROW",
            "HNSW_M", "AnnState", "parse_budget", "default_budget", "nlist_for", "pq_bytes", "sq8_bytes",
            "hnsw_bytes", "family", "codes", "resolve", "check_factory", "check_buildable", "min_vectors",
-           "needs_rebuild", "CONFIDENCE_Z",
+           "needs_rebuild", "auto_target", "ivf_instead", "CONFIDENCE_Z",
            "TUNE_QUERIES", "EF_LADDER", "REFINE_LADDER", "ADD_CHUNK", "build", "knob_of", "hnsw_quantizer",
            "search_params", "ann_search", "recall_rows", "recall_at", "recall_lower_bound", "tune"]
 

@@ -48,6 +48,7 @@ class AnnState:
     recall: float | None = None  # recall@10 against exact search at the tuned setting (the worst kind's)
     query_ms: float | None = None  # mean single-query time at the tuned setting, measured while tuning
     recalls: dict[str, float] | None = None  # recall@10 per kind of query tuned for ("image", "text")
+    fallback: str | None = None  # auto: the IVF kind built because HNSW missed the target for some queries
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -200,6 +201,20 @@ def check_factory(factory: str, dim: int) -> None:
     except RuntimeError:
         raise UserError(f"--index-type '{factory}' is neither {', '.join(TYPES)} nor a faiss factory "
                         f"string faiss can build (e.g. IVF4096_HNSW32,PQ64np or HNSW32)") from None
+
+
+def auto_target(state: AnnState, n: int, dim: int) -> str:
+    """What `state.requested` means now, keeping auto's recorded fallback from HNSW to IVF (else every
+    commit would rebuild the HNSW index that missed the target)."""
+    target = resolve(state.requested, n, dim, state.budget)
+    if state.requested.strip().lower() == "auto" and state.fallback and family(target) == "hnsw":
+        return resolve(state.fallback, n, dim, state.budget)
+    return target
+
+
+def ivf_instead(n: int, dim: int, budget: int | None) -> str:
+    """The IVF kind auto would pick at this size if HNSW were out: SQ8 codes when they fit, else PQ."""
+    return "ivfsq" if sq8_bytes(dim, n) <= (budget or default_budget()) * 0.8 else "ivfpq"
 
 
 def needs_rebuild(state: AnnState, target: str, n: int, dead: int, healthy: bool) -> bool:

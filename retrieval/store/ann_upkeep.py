@@ -114,7 +114,7 @@ class AnnUpkeep:
         state = self.state_of(modality)
         flat = self.flats[modality]
         n = int(flat.ntotal)
-        target = ann.resolve(state.requested, n, dim, state.budget)
+        target = ann.auto_target(state, n, dim)
         current: Any = self.index.get(modality)
         dead = 0
         if current is not None and state.active:
@@ -162,10 +162,29 @@ class AnnUpkeep:
         if target == ann.FLAT:
             return None, base
         ids, vectors = vec.vectors_of(flat)
-        index, tuned = ann.build(target, ids, vectors, base, lambda q, k: flat.search(q, min(k, n)),
-                                 flat.reconstruct_batch, log=log, kind=modality, cross=self._cross(modality))
-        if log:
-            log(f"{modality}: built {target} over {n} vectors: {tuned.describe()}")
+        cross = self._cross(modality)
+
+        def build(factory: str, start: ann.AnnState) -> tuple[Any, ann.AnnState]:
+            index, tuned = ann.build(factory, ids, vectors, start, lambda q, k: flat.search(q, min(k, n)),
+                                     flat.reconstruct_batch, log=log, kind=modality, cross=cross)
+            if log:
+                log(f"{modality}: built {factory} over {n} vectors: {tuned.describe()}")
+            return index, tuned
+
+        auto = state.requested.strip().lower() == "auto"
+        index, tuned = build(target, replace(base, fallback=state.fallback if auto and ann.family(target) != "hnsw"
+                                             else None))  # a fallback stays recorded while its IVF serves
+        if (auto and ann.family(target) == "hnsw"
+                and tuned.recall is not None and tuned.recall < ann.TARGET_RECALL):
+            # The quality lab saw HNSW give photo queries 0.65 recall@10 on 237k captions at any efSearch; an
+            # IVF index with exact re-scoring reached 0.97. Auto keeps whichever serves every query kind better.
+            kind = ann.ivf_instead(n, int(vectors.shape[1]), state.budget)
+            factory = ann.resolve(kind, n, int(vectors.shape[1]), state.budget)
+            if factory == ann.FLAT:  # too few vectors to train IVF: exact search until there are
+                return None, replace(base, fallback=kind)
+            alt, alt_tuned = build(factory, replace(base, fallback=kind))
+            if alt_tuned.recall is not None and alt_tuned.recall > tuned.recall:
+                return alt, alt_tuned
         return index, tuned
 
     def _cross(self, modality: str) -> dict[str, np.ndarray]:

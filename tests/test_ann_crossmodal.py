@@ -220,6 +220,7 @@ def test_auto_falls_back_to_ivf_where_hnsw_misses_the_target(tmp_path: Path, mon
     with Store.open(tmp_path, writable=True) as st:
         state = st.ann_state["image"]
         assert ann.family(state.factory) == "ivf" and state.fallback == "ivfsq" and state.recall >= 0.95
+        assert "HNSW missed the recall target" in st.ann_info("image")["describe"]
         st.add_images(image_records(6_000)[5_000:], images(1_000, 7))  # grows 20%: no type change
         again = st.ann_state["image"]
         assert again.factory == state.factory and again.fallback == "ivfsq"

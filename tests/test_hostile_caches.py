@@ -111,7 +111,7 @@ def _caption(home: Path, encoder, image: bytes):  # noqa: ANN001, ANN202
     lines: list[str] = []
     s = open_index(home, reuse=encoder, notify=lines.append)
     try:
-        rr = open_reranker(s, None, lines.append)
+        rr = open_reranker(s, True, lines.append)
         assert rr is not None
         return rr.caption(image, 20, rerank_k=32), lines
     finally:

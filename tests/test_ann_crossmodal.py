@@ -226,3 +226,5 @@ def test_auto_falls_back_to_ivf_where_hnsw_misses_the_target(tmp_path: Path, mon
         assert again.factory == state.factory and again.fallback == "ivfsq"
         st.set_index_type("hnsw", rebuild=True, force=True)
         assert ann.family(st.ann_state["image"].factory) == "hnsw" and st.ann_state["image"].fallback is None
+        st.set_index_type("flat", rebuild=True, force=True)
+        assert st.ann_info("image")["describe"] == "flat (exact)"

@@ -68,7 +68,8 @@ class AnnState:
         if self.factory == FLAT:
             waiting = self.requested not in ("auto", "flat")
             need = min_vectors(self.requested) if waiting else 0
-            fallback = f"; auto waits for {MIN_TRAIN:,} vectors to build {self.fallback}" if self.fallback else ""
+            fallback = (f"; auto waits for {MIN_TRAIN:,} vectors to build {self.fallback}"
+                        if self.fallback and self.requested == "auto" else "")
             return "flat (exact)" + (f"; {self.requested} waits for {need:,} vectors" if waiting else "") + fallback
         knob = f", {self.param}={self.value}" if self.param else ""
         refine = f", refine x{self.refine}" if self.refine > 1 else ""
@@ -79,7 +80,8 @@ class AnnState:
             recall = f", recall@10 {self.recall:.3f}"
         if self.recall is not None and self.recall < TARGET_RECALL:
             recall += f" (best reached; below the {TARGET_RECALL} target)"
-        why = f" (auto: {self.fallback}, as HNSW missed the recall target)" if self.fallback else ""
+        why = (f" (auto: {self.fallback}, as HNSW missed the recall target)"
+               if self.fallback and self.requested == "auto" else "")
         return f"{self.factory}{knob}{refine}{recall}{why}"
 
 

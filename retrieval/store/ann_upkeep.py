@@ -157,8 +157,9 @@ class AnnUpkeep:
         """Build `target` from the stored vectors and tune its knob; Flat means no ANN index."""
         flat = self.flats[modality]
         n = int(flat.ntotal)
+        auto = state.requested.strip().lower() == "auto"
         base = replace(state, factory=target, gen=0, built_n=n, param=None, value=None, refine=1,
-                       recall=None, query_ms=None)
+                       recall=None, query_ms=None, fallback=state.fallback if auto else None)
         if target == ann.FLAT:
             return None, base
         ids, vectors = vec.vectors_of(flat)
@@ -171,9 +172,8 @@ class AnnUpkeep:
                 log(f"{modality}: built {factory} over {n} vectors: {tuned.describe()}")
             return index, tuned
 
-        auto = state.requested.strip().lower() == "auto"
-        index, tuned = build(target, replace(base, fallback=state.fallback if auto and ann.family(target) != "hnsw"
-                                             else None))  # a fallback stays recorded while its IVF serves
+        # a fallback stays recorded while its IVF serves
+        index, tuned = build(target, replace(base, fallback=base.fallback if ann.family(target) != "hnsw" else None))
         if (auto and ann.family(target) == "hnsw"
                 and tuned.recall is not None and tuned.recall < ann.TARGET_RECALL):
             # The quality lab saw HNSW give photo queries 0.65 recall@10 on 237k captions at any efSearch; an

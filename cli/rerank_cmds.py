@@ -126,8 +126,14 @@ def train_reranker(
     result = train(tf, vf, cfg, on_epoch=report)
     out = out.expanduser()
     save_params(result.scorer, out, model=encoder.fingerprint.model, weights=encoder.fingerprint.weights)
+    best = result.history[result.best_epoch - 1] if result.best_epoch else None
+    beats = best is not None and best["mean_R@1"] > result.baseline["mean_R@1"]
     summary = {"out": str(out.resolve()), "best_epoch": result.best_epoch, "baseline": result.baseline,
-               "history": result.history}
+               "history": result.history, "beats_dense": beats}
+    if not beats:  # a recorded reranker reranks every query by default: say so before anyone records this one
+        err(f"warning: the reranker does not beat dense ranking on val (mean R@1 "
+            f"{best['mean_R@1'] if best else 0.0:.3f} vs {result.baseline['mean_R@1']:.3f}); check it with "
+            f"`crossmodal eval --reranker {out}` before recording it")
     if json_out:
         print_json(summary)
     else:

@@ -121,9 +121,12 @@ def test_eval_and_train_reranker_commands(checkpoint, photos, tmp_path):
     assert doc["dense"]["t2i"]["R@10"] == 100.0  # two images: everything is in the top 10
 
     dst = tmp_path / "r.safetensors"
-    doc = ok(run_cli("train-reranker", str(tmp_path), "--out", str(dst), "--epochs", "2", "--json", *model,
-                     home=nohome))
+    r = run_cli("train-reranker", str(tmp_path), "--out", str(dst), "--epochs", "2", "--json", *model, home=nohome)
+    doc = ok(r)
     assert dst.is_file() and len(doc["history"]) == 2 and "t2i_R@1" in doc["baseline"]
+    best = doc["history"][doc["best_epoch"] - 1]["mean_R@1"]
+    assert doc["beats_dense"] == (best > doc["baseline"]["mean_R@1"])
+    assert ("does not beat dense ranking" in r.stderr) == (not doc["beats_dense"])
     from retrieval.rerank.params import read_params_meta
     from training.torch_scorer import load_params
 

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     (a.work / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(result["markdown"])
-    print(f"\nwall time {result['wall_s']:.0f} s; figures in {a.work / 'quality.json'}")
+    print(f"\nwall time {result['wall_s']:.0f} s (stages already in --work are reused); figures in "
+          f"{a.work / 'quality.json'}")
     return 0
 
 

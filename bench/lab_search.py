@@ -29,18 +29,20 @@ class TestSet:
     own_captions: dict[str, set[str]]  # file name -> its captions
 
 
+def _keys(searcher: Any, ids: np.ndarray, key: Any) -> list[list[str]]:
+    """key(item) of each hit's catalog row, in rank order (-1 and rows gone dropped)."""
+    items = searcher.store.items([int(i) for row in ids for i in row if i >= 0])
+    return [[key(items[int(i)]) for i in row if i >= 0 and int(i) in items] for row in ids]
+
+
 def photo_keys(searcher: Any, ids: np.ndarray) -> list[list[str]]:
-    """File names of image ids (rank order kept, -1 dropped)."""
-    flat = [int(i) for row in ids for i in row if i >= 0]
-    items = searcher.store.items(flat)
-    return [[Path(items[int(i)].path).name for i in row if i >= 0 and int(i) in items] for row in ids]
+    """File names of image ids."""
+    return _keys(searcher, ids, lambda item: Path(item.path).name)
 
 
 def caption_keys(searcher: Any, ids: np.ndarray) -> list[list[str]]:
-    """Caption texts of text ids (rank order kept, -1 dropped)."""
-    flat = [int(i) for row in ids for i in row if i >= 0]
-    items = searcher.store.items(flat)
-    return [[str(items[int(i)].text) for i in row if i >= 0 and int(i) in items] for row in ids]
+    """Caption texts of text ids."""
+    return _keys(searcher, ids, lambda item: str(item.text))
 
 
 def query_vectors(searcher: Any, test: TestSet) -> tuple[np.ndarray, np.ndarray]:

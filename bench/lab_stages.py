@@ -17,25 +17,18 @@ RERANK_KS = (8, 16, 32, 64)
 LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 
 
-def _full_decode_vectors(encoder: Any, files: list[Path]) -> np.ndarray:
-    """Test photos decoded at full size (no JPEG draft), then resized as the model wants."""
-    from retrieval.media.decode import load_image, prepare
+def _vectors(encoder: Any, files: list[Path], full: bool = False) -> np.ndarray:
+    """Photos embedded through the index's decode path (JPEG draft toward the model's size), or `full`: decoded
+    at full size first, then resized as the model wants."""
+    from retrieval.media.decode import decode_for_model, load_image, prepare
 
-    out = []
-    for s in range(0, len(files), 64):
-        pixels = np.stack([prepare(load_image(p.read_bytes())[0], encoder.preprocess) for p in files[s:s + 64]])
-        out.append(encoder.encode_pixels(pixels))
-    return np.concatenate(out)
+    def pixels(p: Path) -> np.ndarray:
+        data = p.read_bytes()
+        return prepare(load_image(data)[0], encoder.preprocess) if full else decode_for_model(
+            data, encoder.preprocess).pixels
 
-
-def _draft_vectors(encoder: Any, files: list[Path]) -> np.ndarray:
-    from retrieval.media.decode import decode_for_model
-
-    out = []
-    for s in range(0, len(files), 64):
-        out.append(encoder.encode_pixels(np.stack([decode_for_model(p.read_bytes(), encoder.preprocess).pixels
-                                                   for p in files[s:s + 64]])))
-    return np.concatenate(out)
+    return np.concatenate([encoder.encode_pixels(np.stack([pixels(p) for p in files[s:s + 64]]))
+                           for s in range(0, len(files), 64)])
 
 
 def _cutoff(encoder: Any, vocab: np.ndarray, scenes: Path) -> dict[str, Any]:
@@ -47,7 +40,7 @@ def _cutoff(encoder: Any, vocab: np.ndarray, scenes: Path) -> dict[str, Any]:
 
     def zs(split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         pairs = load_pairs(scenes).split(split)
-        img = _draft_vectors(encoder, pairs.images)
+        img = _vectors(encoder, pairs.images)
         txt = encoder.encode_texts(pairs.captions, batch_size=256)
         sim = txt @ img.T
         base = img @ vocab.T
@@ -163,8 +156,8 @@ def _small(a: argparse.Namespace, scenes: Path, model_json: Path, model_pt: Path
     log("rerank sweeps done")
     binding = binding_accuracy(encoder, scenes, pairs, feats,
                                {"dense": None, "parameter-free": CoAttentionScorer(dim).eval(), "trained": trained})
-    draft = _draft_vectors(encoder, pairs.images)
-    full = _full_decode_vectors(encoder, pairs.images)
+    draft = _vectors(encoder, pairs.images)
+    full = _vectors(encoder, pairs.images, full=True)
     rows.append(("draft decode (index path), fp32", dense_recall(draft, feats.text_pooled, rel, feats.caption_image)))
     rows.append(("full decode, fp32", dense_recall(full, feats.text_pooled, rel, feats.caption_image)))
     cos = np.sum(draft * full, axis=1)

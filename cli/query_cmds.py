@@ -78,12 +78,13 @@ def _cut(hits: list[Hit], threshold: float, searcher: Searcher, why_not: str | N
         err(f"note: --min-score is not applied to {why_not} (it calibrates text against photos)")
         return hits
     kept, weaker = split_by(Relevance(searcher).images(hits), threshold)
-    _note_weaker(len(weaker), threshold, False)
+    _note_weaker(len(weaker), threshold)
     return kept
 
 
-def _note_weaker(n: int, threshold: float, quiet: bool) -> None:
-    if n and not quiet:
+def _note_weaker(n: int, threshold: float) -> None:
+    """What the cutoff hid, on stderr (stdout stays the results, JSON or table)."""
+    if n:
         err(f"{n} weaker match{'es' if n > 1 else ''} hidden (relevance below {threshold:.2f}; "
             f"a lower --min-score shows {'them' if n > 1 else 'it'})")
 
@@ -246,14 +247,21 @@ def caption(
                    "(embedded once per model, then cached)", err=True)
     raw = is_raw_name(str(image))
     reranker = open_reranker(searcher, rerank, err)
-    hits = (reranker.caption(data, k, corpus, rerank_k, raw=raw) if reranker is not None
-            else searcher.caption(data, k, corpus, raw=raw))
+    # Dense captions embed the photo once, and the cutoff reuses that vector; a reranked caption makes its own
+    # vision pass (vector and tokens), so only there does the cutoff embed the photo again.
+    if reranker is not None:
+        hits = reranker.caption(data, k, corpus, rerank_k, raw=raw)
+    else:
+        q = searcher.query_vector(image=data, image_raw=raw)
+        hits = searcher.search_texts(q, k, corpus)
     if threshold is not None:
-        from retrieval.query.cutoff import Relevance, split_by
+        from retrieval.query.cutoff import Relevance, sort_hits, split_by
 
-        hits, weaker = split_by(Relevance(searcher).captions(searcher.query_vector(image=data, image_raw=raw),
-                                                              hits), threshold)
-        _note_weaker(len(weaker), threshold, json_out)
+        if reranker is not None:
+            q = searcher.query_vector(image=data, image_raw=raw)
+        hits, weaker = split_by(Relevance(searcher).captions(q, hits), threshold)
+        hits = sort_hits(hits, "score")  # ranks of what is kept: 1, 2, ...
+        _note_weaker(len(weaker), threshold)
     if json_out:
         print_json([_hit_json(h, "text", "corpus") for h in hits])
         return

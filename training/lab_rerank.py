@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from training.clip_metrics import chance, own_relevance, recall
-from training.evaluate import Features, Pairs, rerank_orders, top_k
+from training.evaluate import Features, Pairs, extract_features, rerank_orders, top_k
 from training.scene_graph import satisfies
 from training.scenes import BINDING, DATASET
 
@@ -72,16 +72,8 @@ def binding_accuracy(encoder: Any, scenes_dir: Path, pairs: Pairs, feats: Featur
     texts = list(dict.fromkeys(t for _, p in probes for t in [p["positive"]["raw"]] + [n["raw"] for n in
                                                                                     p["negatives"]]))
     where = {t: i for i, t in enumerate(texts)}
-    toks = [encoder.encode_text_tokens(texts[s:s + 256]) for s in range(0, len(texts), 256)]
-    length = max(t.mask.shape[1] for t in toks)
-    tt = np.zeros((len(texts), length, feats.dim), np.float32)
-    tm = np.zeros((len(texts), length), bool)
-    pooled = np.concatenate([t.pooled for t in toks])
-    row = 0
-    for t in toks:
-        n, lt = t.mask.shape
-        tt[row:row + n, :lt], tm[row:row + n, :lt] = t.tokens, t.mask
-        row += n
+    words = extract_features(encoder, Pairs([], texts, np.zeros(len(texts), np.int64)))  # captions only
+    tt, tm, pooled = words.text_tokens.astype(np.float32), words.text_mask, words.text_pooled
     out: dict[str, dict[str, float]] = {}
     for name, scorer in scorers.items():
         wins, pair_wins, chances = [], [], []

@@ -24,6 +24,8 @@ import numpy as np
 from retrieval.errors import UserError
 from retrieval.query.search import Hit, Searcher
 from retrieval.query.vocab import prompt_vocabulary
+from retrieval.store.paths import from_catalog
+from retrieval.store.records import date_bound
 
 AUTO_MIN_SCORE = -0.25  # the F1-best threshold on the quality lab's val split (-0.27), rounded; README "Quality"
 SORTS = ("score", "date")
@@ -101,9 +103,6 @@ def split_by(hits: Sequence[Hit], min_score: float | None) -> tuple[list[Hit], l
 
 def _date_key(h: Hit) -> float:
     """Capture time (EXIF), else the file's modification time; unknown dates sort last."""
-    from retrieval.store.paths import from_catalog
-    from retrieval.store.records import date_bound
-
     if h.item.taken_at:
         try:
             return date_bound(h.item.taken_at)[1]

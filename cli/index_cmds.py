@@ -116,7 +116,8 @@ def index(
     with Store.open(home(), create=True, writable=True, catalog=catalog) as store:
         requested_spec(store, model, pretrained, device, precision)  # a different model: refused before any work
         plain = reranker is None and index_type is None and memory_budget is None  # those need the model first
-        source = model_source(store, model, pretrained, device, precision, quiet or json_out, guess=plain)
+        source = model_source(store, model, pretrained, device, precision, quiet or json_out, guess=plain,
+                              local=ray is None)
         if gpu_decode:
             from retrieval.hardware import gpu_decode_problem
 

@@ -63,11 +63,15 @@ def ray_step(store: Store, source: Encoder | ModelOnDemand, asked: tuple[str | N
 
 
 def model_source(store: Store, model: str | None, pretrained: str | None, device: str, precision: str,
-                 quiet: bool, guess: bool = True) -> Encoder | ModelOnDemand:
+                 quiet: bool, guess: bool = True, local: bool = True) -> Encoder | ModelOnDemand:
     """The encoder an index run embeds with. An index that records its model's preprocessing gets the model
     on demand (an unchanged re-run never loads it); a new index whose model the shared export cache knows
     (and `guess`) starts loading it in the background now and decodes with the export's preprocessing; any
-    other new index loads it now. The model is recorded in the index when it is first used."""
+    other new index loads it now. The model is recorded in the index when it is first used.
+
+    A `local` run (not --ray) at `auto` precision on the CPU indexes images on the int8 tower where that
+    measured faster than torch (model/int8_auto.py); once measured, such a model loads without torch."""
+    from retrieval.model.int8_auto import auto_int8_allowed
     from retrieval.model.recorded import (
         ModelOnDemand,
         open_model,
@@ -75,22 +79,32 @@ def model_source(store: Store, model: str | None, pretrained: str | None, device
         record_model,
         recorded_preprocess,
     )
+    from retrieval.model.spec import resolve_device
 
     check_int8(precision, device)
     int8 = precision == "int8"  # images on the int8 graph (model/onnx_quant.py); the model itself at auto
     dev, prec = ("cpu", "auto") if int8 else (device, precision)
+    auto8 = (local and precision == "auto" and device in ("auto", "cpu") and auto_int8_allowed()
+             and resolve_device(device) == "cpu")  # on Linux without GPU device nodes: no torch import
+    say, warn = (None if quiet else err), (lambda m: err(f"warning: {m}"))
 
     def load() -> Encoder:
         """Load the model (a background thread may run this: it records nothing)."""
+        if auto8 or int8:
+            from retrieval.model.int8_auto import int8_without_torch
+
+            enc = int8_without_torch(store, model, pretrained, say, warn, measured=auto8)
+            if enc is not None:
+                return enc
         return open_model(store, model, pretrained, dev, prec)
 
     def ready(enc: Encoder) -> Encoder:
         """Record the loaded model in the index and say which it is (in the thread that embeds)."""
-        record_model(store, enc)
-        if int8:
-            from retrieval.model.onnx_quant import Int8ImageEncoder
+        from retrieval.model.onnx_quant import Int8ImageEncoder
 
-            enc = Int8ImageEncoder(enc, store.home, None if quiet else err, lambda m: err(f"warning: {m}"))
+        record_model(store, enc)
+        if (int8 or auto8) and not isinstance(enc, Int8ImageEncoder):
+            enc = Int8ImageEncoder(enc, store.home, say, warn, auto=not int8)
         if not quiet:
             typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)
         return enc

@@ -13,7 +13,7 @@ import numpy as np
 from indexer.scan import FileEntry, plan, scan
 from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.fsutil import sha256_file
-from retrieval.hardware import usable_cores
+from retrieval.hardware import set_model_threads, usable_cores
 from retrieval.media.thumbnails import prune_thumbs
 from retrieval.model.protocol import Encoder
 from retrieval.model.recorded import ModelOnDemand, record_image_precision
@@ -74,9 +74,7 @@ def _share_cores(device: str, workers: int) -> None:
     """Give the model's threads the cores the decode workers leave (unless OMP_NUM_THREADS says otherwise)."""
     if device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
-    import torch
-
-    torch.set_num_threads(max(1, usable_cores() - workers))
+    set_model_threads(usable_cores() - workers)  # torch's too, when the model is on torch
 
 
 class _Committer:

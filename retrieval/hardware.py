@@ -42,6 +42,41 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in cpu_flags() for f in FAST_BF16_FLAGS)
 
 
+def cpu_kind() -> str:
+    """The CPU's class for what runs fast on it, the key of speeds measured once per machine: "amx" (AMX tiles),
+    "avx512_bf16", "vnni" (int8 dot products), "avx2", or "other"."""
+    flags = cpu_flags()
+    if any(f.startswith("amx_") for f in flags):
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if any(f in flags for f in ("avx512_vnni", "avx_vnni")):
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"
+
+
+_model_threads: int | None = None
+
+
+def set_model_threads(n: int) -> None:
+    """The threads an indexing run gives the model (the cores its decode workers leave). Set here, not only in
+    torch, so a run whose model is on ONNX Runtime never imports torch to say it."""
+    global _model_threads
+    _model_threads = max(1, int(n))
+    if "torch" in sys.modules and hasattr(sys.modules["torch"], "set_num_threads"):  # a loaded torch model
+        sys.modules["torch"].set_num_threads(_model_threads)
+
+
+def model_threads() -> int:
+    """The model's thread budget: what the run set, else $OMP_NUM_THREADS, else every usable core."""
+    if _model_threads is not None:
+        return _model_threads
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return usable_cores()
+
+
 def usable_cores() -> int:
     """Cores this process may run on (affinity-aware, unlike os.cpu_count)."""
     try:

@@ -2,7 +2,9 @@
 and the markers.
 
 CROSSMODAL_CACHE points at a temporary folder for the whole run (removed at the end), so no test reads or
-writes the user's real export cache; child processes inherit it. Tests that need a fresh export, or damage
+writes the user's real export cache; child processes inherit it. CROSSMODAL_INT8=off keeps `index --precision
+auto` on torch: where it would take the int8 tower depends on a speed measured on the machine
+(retrieval/model/int8_auto.py), and test vectors must not; tests/test_int8_auto.py turns it back on. Tests that need a fresh export, or damage
 one, get a cache of their own (fixtures `own_cache`, `linked_cache`).
 
 Markers: `slow` (tens of seconds or more: CLI index runs, exports, crash loops), `browser` (a real Chromium),
@@ -22,6 +24,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST_CACHE = tempfile.mkdtemp(prefix="crossmodal-test-cache-")
 os.environ["CROSSMODAL_CACHE"] = TEST_CACHE  # set, not defaulted: never the user's own cache
+os.environ["CROSSMODAL_INT8"] = "off"  # auto precision never switches to int8 on a timing (test_int8_auto.py does)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

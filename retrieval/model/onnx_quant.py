@@ -42,7 +42,7 @@ import numpy as np
 
 from retrieval.errors import ExportDamaged, Int8Refused
 from retrieval.fsutil import fsync_dir, fsync_tree, sha256_file
-from retrieval.hardware import cpu_flags
+from retrieval.hardware import cpu_flags, model_threads
 from retrieval.model.onnx_encoder import EXPORT_VERSION, IMAGE_FILE, TOKENS_OUT, OnnxEncoder
 from retrieval.model.protocol import Encoder, unit_rows
 from retrieval.model.spec import Fingerprint
@@ -285,53 +285,100 @@ def ensure_int8(encoder: Encoder, home: str | Path, pixels: np.ndarray, threads:
     return open_session(export.folder / INT8_FILE, threads), export
 
 
-def _threads() -> int:
-    """The indexing run's thread budget, which the pipeline sets through torch (its decode workers' share)."""
-    import torch
-
-    return max(1, int(torch.get_num_threads()))
-
-
 class Int8ImageEncoder(Encoder):
     """Images through the int8 tower on ONNX Runtime (made and checked on the first batch), texts and the rest
-    through `encoder` (torch), which also embeds the images, at its own precision, when int8 is refused."""
+    through `encoder` (torch, or the model's ONNX export), which also embeds the images, at its own precision,
+    when int8 is refused.
+
+    With `auto` (`--precision auto`, int8_auto.py) int8 is used only where it measured faster than `encoder`
+    on this CPU (measured on the first batch when it never was), and a refusal, or a first batch too small to
+    check a new tower, is one progress line (or none), not a warning: the run is at its default precision."""
 
     device = "cpu"
     backend = "onnx"
 
     def __init__(self, encoder: Encoder, home: str | Path, notify: Notify | None = None,
-                 warn: Notify | None = None) -> None:
+                 warn: Notify | None = None, auto: bool = False) -> None:
         self.inner = encoder
         self.home = Path(home)
         self.say = notify or (lambda _msg: None)
         self.warn = warn or self.say
+        self.auto = auto
         self.fingerprint = encoder.fingerprint
         self.dim = encoder.dim
         self.preprocess = encoder.preprocess
-        self.precision = PRECISION
+        self.precision = encoder.precision if auto else PRECISION  # auto: int8 once the first batch decides
         self.refused: str | None = None
         self._session: Any = None
         self._threads = 0
         self._export: OnnxEncoder | None = None
 
-    def _tower(self, pixels: np.ndarray) -> tuple[Any, OnnxEncoder] | None:
+    def prepare(self) -> None:
+        """Open a tower that is already made and checked now (a model loading in the background runs this
+        while the first photos decode); one still to make waits for the first batch, which checks it."""
+        if self._export is not None or self.refused is not None or self.auto:  # auto: the first batch times it
+            return
+        export = model_export(self.home, self.fingerprint)
+        if export is None or inspect_int8(export.folder, export.fingerprint, deep=False)[0] != "ok":
+            return
+        try:
+            self._session, self._export = ensure_int8(self.inner, self.home, np.zeros((0,)), model_threads(),
+                                                      self.say, self.warn)
+        except Int8Refused:
+            return  # said, and decided again, by the first batch
+        self._threads = model_threads()
+        self.precision = PRECISION
+
+    def _refuse(self, why: str, say: Notify | None) -> None:
+        self.refused = why
+        self.precision = self.inner.precision
+        if say is not None:
+            say(f"{why}; indexing at {self.precision} instead")
+
+    def _tower(self, pixels: np.ndarray, tokens: bool = False) -> tuple[Any, OnnxEncoder] | None:
         """The int8 session (opened again when the run changes its thread budget), or None once refused."""
         if self.refused is not None:
             return None
-        threads = _threads()
+        threads = model_threads()
         if self._export is None:
             try:
-                self._session, self._export = ensure_int8(self.inner, self.home, pixels, threads, self.say,
-                                                          self.warn)
+                session, export = ensure_int8(self.inner, self.home, pixels, threads, self.say, self.warn)
             except Int8Refused as e:
-                self.refused = str(e)
-                self.precision = self.inner.precision
-                self.warn(f"{e}; indexing at {self.precision} instead")
+                quiet = self.auto and len(pixels) < MIN_CHECK_PHOTOS  # auto on a few photos: nothing to say
+                self._refuse(str(e), None if quiet else self.say if self.auto else self.warn)
                 return None
+            if self.auto and not self._faster(session, export, pixels, tokens):
+                return None
+            self._session, self._export, self.precision = session, export, PRECISION
         elif threads != self._threads:
             self._session = open_session(self._export.folder / INT8_FILE, threads)
         self._threads = threads
         return self._session, self._export
+
+    def _faster(self, session: Any, export: OnnxEncoder, pixels: np.ndarray, tokens: bool) -> bool:
+        """auto: whether int8 beats the inner model here, as recorded, or measured now on `pixels`."""
+        from retrieval.hardware import cpu_kind
+        from retrieval.model.int8_auto import MIN_GAIN, int8_wins, measure, record_speed, speed_key
+
+        meta = inspect_int8(export.folder, export.fingerprint, deep=False)[1] or {}
+        sha, torch_precision = str(meta.get("sha256")), self.inner.precision
+        wins = int8_wins(export.folder, sha, torch_precision)
+        if wins is None:
+            if len(pixels) < MIN_CHECK_PHOTOS:
+                self._refuse("too few photos to time the int8 tower", None)
+                return False
+            names = ["embedding", TOKENS_OUT] if tokens else ["embedding"]
+            entry = measure(self.inner, lambda p: session.run(names, {"pixels": export.pixels_to_array(p)}),
+                            pixels, tokens)
+            record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
+            wins = entry["int8_img_s"] >= MIN_GAIN * entry["torch_img_s"]
+            self.say(f"int8 image tower {entry['int8_img_s']:.1f} img/s, torch {torch_precision} "
+                     f"{entry['torch_img_s']:.1f} img/s on this CPU ({cpu_kind()}): images in "
+                     f"{PRECISION if wins else torch_precision} (measured once per model)")
+        if not wins:
+            self._refuse(f"torch {torch_precision} is faster here than the int8 tower", None)
+            return False
+        return True
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
@@ -344,7 +391,7 @@ class Int8ImageEncoder(Encoder):
 
     def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ONE vision pass: (unit vectors, token features), as the fp32 graph gives them."""
-        tower = self._tower(pixels)
+        tower = self._tower(pixels, tokens=True)
         if tower is None:
             return self.inner.encode_pixels_with_tokens(pixels)
         session, export = tower

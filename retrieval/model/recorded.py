@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from retrieval.errors import ModelMismatch, ModelUnavailable
 from retrieval.media.decode import Preprocess
@@ -206,7 +206,20 @@ def predicted_preprocess(model: str | None, pretrained: str | None) -> Preproces
     loaded model's own preprocessing decides (ModelOnDemand.guessed); None when no export matches."""
     if not model or not pretrained:
         return None
-    model = asked_model(model)[0]  # a custom config's registered name
+    found = cached_export_of(model, pretrained)
+    if found is None:
+        return None
+    try:
+        return Preprocess.from_json(found[1]["preprocess"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cached_export_of(model: str, pretrained: str) -> tuple[Fingerprint, dict[str, Any]] | None:
+    """(fingerprint, export metadata) of the first export in the shared cache made of model name `model` (a
+    custom config's registered name for a FILE.json) with weights `pretrained` (tag, or the checkpoint's
+    path); None when there is none. Matches by name and path only: callers that trust it check the weights."""
+    model = asked_model(model)[0]
     spec = ModelSpec(name=model, pretrained=pretrained)
     if spec.pretrained_is_file():
         path = Path(pretrained).expanduser().resolve()
@@ -223,7 +236,8 @@ def predicted_preprocess(model: str | None, pretrained: str | None) -> Preproces
             meta = json.loads(meta_file.read_text())
             fp = meta["fingerprint"]
             if fp["model"] == model and fp["pretrained"] == want:
-                return Preprocess.from_json(meta["preprocess"])
+                Preprocess.from_json(meta["preprocess"])  # a record that cannot say its geometry is no match
+                return Fingerprint(**fp), meta
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None

@@ -1,0 +1,149 @@
+"""`index --precision auto` on the CPU: images on the int8 tower where it measured faster than torch.
+
+Why: the relevance lab (bench/quality_lab.py) found an int8 index within 0.3 points of fp32 Recall@K (the bound
+is 1), and the tower is checked against fp32 on the user's own photos (mean cosine >= 0.99, onnx_quant.py)
+before any use. What is left to decide is speed, which depends on the CPU (VNNI, AVX-512 BF16, AMX) and so is
+measured, not guessed: the run that first has the tower times it and the torch model `auto` would otherwise
+use, on the same photos, and records both per CPU kind in SPEED_FILE beside the tower. Later runs read that
+record. Where int8 won, a model whose export and tower are ready opens without torch at all (the export
+answers for the rest of the model), which is what makes a new home of a known model fast: no torch import,
+no weights to load.
+
+CROSSMODAL_INT8=off keeps `auto` on torch (an explicit `--precision int8` still works). The test suite sets
+it, so that its vectors do not depend on a timing; the tests of this module turn it back on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import UserError
+from retrieval.hardware import cpu_kind
+from retrieval.model.onnx_encoder import OnnxEncoder
+from retrieval.model.protocol import Encoder
+
+INT8_ENV = "CROSSMODAL_INT8"
+SPEED_FILE = "image-int8-speed.json"
+MIN_GAIN = 1.1  # int8 must beat torch by 10%: below that the exact path is worth its small cost
+SPEED_PHOTOS = 16  # photos timed per side; each side runs twice after a warm-up, the faster pass counts
+
+
+def auto_int8_allowed() -> bool:
+    """Whether `--precision auto` may index images on the int8 tower ($CROSSMODAL_INT8: auto, the default, or
+    off)."""
+    raw = os.environ.get(INT8_ENV, "auto").strip().lower() or "auto"
+    if raw not in ("auto", "off"):
+        raise UserError(f"{INT8_ENV} must be 'auto' or 'off', not {raw!r}")
+    return raw == "auto"
+
+
+def speed_key(torch_precision: str) -> str:
+    """Which measurement applies: the CPU kind and the precision torch would index at there."""
+    return f"{cpu_kind()}/{torch_precision}"
+
+
+def read_speeds(folder: Path) -> dict[str, Any]:
+    """The speeds measured beside the tower in export folder `folder` ({} when none, or unreadable)."""
+    try:
+        got = json.loads((folder / SPEED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def record_speed(folder: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one measurement to SPEED_FILE (rewritten whole, atomically: a reader sees the old or the new)."""
+    speeds = read_speeds(folder)
+    speeds[key] = entry
+    fd, tmp = tempfile.mkstemp(prefix=f".{SPEED_FILE}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(speeds, f, indent=1)
+        os.replace(tmp, folder / SPEED_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def int8_wins(folder: Path, tower_sha: str, torch_precision: str) -> bool | None:
+    """Whether the tower with sha256 `tower_sha` ran at least MIN_GAIN times torch at `torch_precision` on
+    this CPU kind; None when that was never measured (or was measured on another tower)."""
+    entry = read_speeds(folder).get(speed_key(torch_precision))
+    if not isinstance(entry, dict) or entry.get("int8_sha256") != tower_sha:
+        return None
+    try:
+        return float(entry["int8_img_s"]) >= MIN_GAIN * float(entry["torch_img_s"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _rate(run: Any, pixels: np.ndarray) -> float:
+    """Images per second of `run(pixels)`: a warm-up on two photos, then the faster of two passes."""
+    run(pixels[:2])
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run(pixels)
+        best = min(best, time.perf_counter() - t0)
+    return len(pixels) / max(best, 1e-9)
+
+
+def measure(torch_model: Encoder, int8_run: Any, pixels: np.ndarray, tokens: bool) -> dict[str, Any]:
+    """Time the int8 tower (`int8_run(pixels)`) and `torch_model` on the same photos, the way the index run
+    calls them (with token features when it keeps them)."""
+    sample = pixels[:SPEED_PHOTOS]
+    torch_run = torch_model.encode_pixels_with_tokens if tokens else torch_model.encode_pixels
+    int8_s = _rate(int8_run, sample)
+    torch_s = _rate(torch_run, sample)
+    return {"int8_img_s": round(int8_s, 2), "torch_img_s": round(torch_s, 2), "torch": torch_model.precision,
+            "photos": len(sample), "tokens": tokens, "measured": time.time()}
+
+
+def torchless_int8(export: OnnxEncoder, torch_precision: str | None) -> bool:
+    """Whether `export`'s model can index images on its int8 tower without loading torch: the tower is made,
+    passed its check, and (unless `torch_precision` is None: int8 was asked for) measured faster here than
+    torch at `torch_precision`."""
+    from retrieval.model.onnx_quant import inspect_int8
+
+    state, meta, _ = inspect_int8(export.folder, export.fingerprint, deep=False)  # the session open checks sha256
+    if state != "ok" or meta is None:
+        return False
+    return torch_precision is None or bool(int8_wins(export.folder, str(meta.get("sha256")), torch_precision))
+
+
+def int8_without_torch(record: Any, model: str | None, pretrained: str | None, notify: Any = None,
+                       warn: Any = None, measured: bool = True) -> Encoder | None:
+    """The index's model for a run that int8 serves, opened without torch: its int8 image tower, with its ONNX
+    export for everything else. None when that does not apply (no export, no checked tower, or with
+    `measured` (auto) no measurement saying int8 is faster here): the caller loads the model on torch.
+
+    `record` is the Store (recorded.ModelRecord); the request was already checked against its record."""
+    from retrieval.model.onnx_quant import Int8ImageEncoder
+    from retrieval.model.recorded import cached_export_of, requested_spec
+    from retrieval.model.spec import Fingerprint, resolve_precision
+    from retrieval.model.weights import file_sha256
+
+    fp: Fingerprint | None = record.fingerprint
+    if fp is None:
+        spec, _ = requested_spec(record, model, pretrained)
+        found = cached_export_of(spec.name, spec.pretrained)
+        if found is None:
+            return None
+        fp = found[0]
+        weights = f"sha256:{file_sha256(fp.pretrained)}" if spec.pretrained_is_file() else spec.pretrained
+        config = f"sha256:{spec.config.sha256}" if spec.config is not None else ""
+        if (fp.weights, fp.config) != (weights, config):
+            return None
+    export = OnnxEncoder.open(record.home, fp)
+    if export is None or not torchless_int8(export, resolve_precision("auto", "cpu", "index") if measured else None):
+        return None
+    enc = Int8ImageEncoder(export, record.home, notify, warn)
+    enc.prepare()
+    return enc

@@ -393,6 +393,26 @@ def with_precision(encoder, precision: str):
                         encoder.device, precision, encoder.fingerprint)
 
 
+def auto_precision(encoder, args, scratch: Path, tiers: list[str]):
+    """What `index --precision auto` indexes with on this CPU: the int8 image tower where it measures faster
+    than torch (retrieval/model/int8_auto.py), decided here as the CLI's first batch decides, on the first
+    tier's photos, with an export cache of the bench's own (made and measured before any timing)."""
+    from retrieval.model.int8_auto import auto_int8_allowed
+    from retrieval.model.onnx_quant import Int8ImageEncoder
+
+    if args.precision != "auto" or encoder.device != "cpu" or not auto_int8_allowed():
+        return encoder
+    os.environ["CROSSMODAL_CACHE"] = str(scratch / "cache-steady")  # never the user's own cache
+    notes: list[str] = []
+    auto = Int8ImageEncoder(encoder, scratch / "home-steady", notes.append, notes.append, auto=True)
+    files = tier_files(args.photos, tiers[0], 32)
+    auto.encode_pixels_with_tokens(predecode(files, encoder.preprocess))
+    auto.measured = "; ".join(n for n in notes if "img/s" in n) or None
+    for n in notes:
+        print(f"auto precision: {n}", file=sys.stderr)
+    return auto if auto.precision == "int8" else encoder
+
+
 def warm(encoder, batch_size: int) -> None:
     import numpy as np
 
@@ -619,30 +639,37 @@ def run(args, src: str, digest: str) -> int:
     main_threads = torch.get_num_threads()
     main_workers = default_workers() if args.workers is None else args.workers
 
+    scratch = Path(tempfile.mkdtemp(prefix="cm-bench-run-", dir=args.scratch))
+    torch_encoder, encoder = encoder, auto_precision(encoder, args, scratch, tiers)
+
     # Precisions for model-only; bf16 only where it runs at all (it is emulated on AVX2-only CPUs).
     encoders = {}
     for p in [] if args.no_components else [x.strip() for x in args.model_precisions.split(",") if x.strip()]:
-        enc = with_precision(encoder, p)
+        enc = with_precision(torch_encoder, p)
         try:
             warm(enc, bs)
             encoders[p] = enc
         except Exception as e:  # noqa: BLE001 - an unsupported precision is a result, not a crash
             print(f"precision {p}: not supported here ({type(e).__name__}: {e})", file=sys.stderr)
     warm(encoder, bs)
+    if encoder is not torch_encoder and not args.no_components:
+        encoders[encoder.precision] = encoder  # the int8 tower's model-only figure
 
     naive = {}
     if not args.no_naive and not args.sweep_only:
         naive = naive_models(args.model, pretrained, bs, encoder.preprocess.size, fp32=not args.no_naive_fp32)
 
-    scratch = Path(tempfile.mkdtemp(prefix="cm-bench-run-", dir=args.scratch))
     info = machine_info()
     info.update({"torch_default_threads": torch_default_threads,
                  "torch_threads_set_by_load_encoder": threads_after_load, "torch_threads": main_threads,
                  "interop_threads": torch.get_num_interop_threads(), "default_workers": default_workers(),
                  "workers": main_workers, "e2e_precision": encoder.precision, "batch_size": bs,
+                 "e2e_torch_precision": torch_encoder.precision if torch_encoder is not encoder else None,
+                 "auto_int8": getattr(encoder, "measured", None),
                  "naive_user_precision": precision_name(next(naive["user"][0].parameters()).dtype)
                  if "user" in naive else None, "naive_fp32": "fp32" in naive,
-                 "whole_process_precision": resolve_precision(args.precision, encoder.device, "index"),
+                 "whole_process_precision": encoder.precision if encoder is not torch_encoder
+                 else resolve_precision(args.precision, encoder.device, "index"),  # the CLI decides as auto did
                  "whole_process_threads": args.threads or "the CLI's default (usable cores)",
                  "model": args.model, "pretrained": pretrained, "model_load_s": round(load_s, 2),
                  "source": src, "source_digest": digest, "thumbnails": thumbs, "scratch": str(scratch)})
@@ -659,7 +686,7 @@ def run(args, src: str, digest: str) -> int:
             pixels = predecode(files, encoder.preprocess) if encoders or args.sweep else None
             r: dict = {"n": len(files), "megapixels": round(tier_megapixels(files), 2), "decode": [],
                        "decode_w0": [], "model": {p: [] for p in encoders}, "e2e": [], "naive_user": [],
-                       "naive": [], "e2e_no_thumbs": [], "e2e_no_tokens": []}
+                       "naive": [], "e2e_no_thumbs": [], "e2e_no_tokens": [], "e2e_torch": []}
             if not args.sweep_only:
                 torch.set_num_threads(main_threads)
                 for _ in range(args.repeats):  # interleaved, so drift from the shared CPUs hits all columns
@@ -668,9 +695,11 @@ def run(args, src: str, digest: str) -> int:
                         if main_workers != 0:
                             r["decode_w0"].append(time_decode(files, encoder.preprocess, 0, thumbs))
                     for p, enc in encoders.items():
-                        cap = None if p == encoder.precision else (args.slow_precision_batches or None)
+                        cap = None if p == torch_encoder.precision else (args.slow_precision_batches or None)
                         r["model"][p].append(time_model(enc, pixels, bs, cap))
                     r["e2e"].append(time_e2e(encoder, files, bs, args.workers, thumbs))
+                    if torch_encoder is not encoder:  # auto took the int8 tower: torch's own figure beside it
+                        r["e2e_torch"].append(time_e2e(torch_encoder, files, bs, args.workers, thumbs))
                     if args.overheads:
                         if thumbs:
                             r["e2e_no_thumbs"].append(time_e2e(encoder, files, bs, args.workers, False))
@@ -821,12 +850,15 @@ def report(results: dict, e2e_precision: str, workers: int, threads: int, args) 
     if results["whole_process"]:
         print(f"\nwhole process from an empty home ({info['whole_process_precision']}): `crossmodal index FOLDER "
               "--json` wall time; index = the command's own report; export = the ONNX export's own timing; "
-              "rest = imports, model load, store open/close")
+              "rest = imports, model load, store open/close (the export counts in index when auto's int8 tower "
+              "needed it)")
         for tier, w in results["whole_process"].items():
             for which in ("first", "second"):
                 for x in w[which]:
                     rep = x["report"]
                     rest = x["seconds"] - rep.get("seconds", 0) - (x["export_seconds"] or 0)
+                    if rest < 0:  # auto's int8 tower needs the export first: made inside the index run
+                        rest += x["export_seconds"] or 0
                     print(f"  {tier:<7}{which:<7} wall {x['seconds']:6.1f} s ({x['ips']:5.1f} images/s): index "
                           f"{rep.get('seconds', 0):5.1f} s ({rep.get('images_per_second', 0):5.1f} images/s), "
                           f"export {fmt(x['export_seconds'], '5.1f')} s, rest {rest:5.1f} s; "
@@ -909,6 +941,11 @@ def final_table(results: dict, args) -> str:
         lines.append(f"| {r['megapixels']:.1f} MP ({tier}, {r['n']} photos) | {ips(r['naive_user'])} | "
                      f"{ips(r['naive'])} | {ips(r['e2e'])} | {f'{st / nu:.2f}' if st and nu else '-'} | "
                      f"{whole(w.get('first', []))} | {whole(w.get('second', []))} |")
+    torch_p = info.get("e2e_torch_precision")
+    if torch_p:
+        lines += ["", f"auto precision: {info.get('auto_int8') or 'int8'}. The same steady state on torch "
+                  f"({torch_p}): " + "; ".join(f"{tier} {ips(r['e2e_torch'])} images/s"
+                                               for tier, r in results["tiers"].items() if r.get("e2e_torch")) + "."]
     lines.append("")
     lines.append("Steady state: `index_paths` with the model loaded (thumbnails, token features, commits); "
                  "steady / naive divides it by the user's naive loop."

@@ -84,16 +84,20 @@ def model_source(store: Store, model: str | None, pretrained: str | None, device
     check_int8(precision, device)
     int8 = precision == "int8"  # images on the int8 graph (model/onnx_quant.py); the model itself at auto
     dev, prec = ("cpu", "auto") if int8 else (device, precision)
-    auto8 = (local and precision == "auto" and device in ("auto", "cpu") and auto_int8_allowed()
-             and resolve_device(device) == "cpu")  # on Linux without GPU device nodes: no torch import
+    may8 = local and precision == "auto" and device in ("auto", "cpu") and auto_int8_allowed()
     say, warn = (None if quiet else err), (lambda m: err(f"warning: {m}"))
+
+    def auto8() -> bool:
+        """Whether auto may take the int8 tower: a CPU run (asked when loading: resolving `auto` imports torch
+        where GPU device nodes exist, which an unchanged re-run never needs)."""
+        return may8 and resolve_device(device) == "cpu"
 
     def load() -> Encoder:
         """Load the model (a background thread may run this: it records nothing)."""
-        if auto8 or int8:
+        if int8 or auto8():
             from retrieval.model.int8_auto import int8_without_torch
 
-            enc = int8_without_torch(store, model, pretrained, say, warn, measured=auto8)
+            enc = int8_without_torch(store, model, pretrained, say, warn, measured=not int8)
             if enc is not None:
                 return enc
         return open_model(store, model, pretrained, dev, prec)
@@ -103,7 +107,7 @@ def model_source(store: Store, model: str | None, pretrained: str | None, device
         from retrieval.model.onnx_quant import Int8ImageEncoder
 
         record_model(store, enc)
-        if (int8 or auto8) and not isinstance(enc, Int8ImageEncoder):
+        if (int8 or (may8 and enc.device == "cpu")) and not isinstance(enc, Int8ImageEncoder):
             enc = Int8ImageEncoder(enc, store.home, say, warn, auto=not int8)
         if not quiet:
             typer.echo(f"model {enc.fingerprint.describe()} on {enc.device} ({enc.precision})", err=True)

@@ -4,8 +4,8 @@ and the markers.
 CROSSMODAL_CACHE points at a temporary folder for the whole run (removed at the end), so no test reads or
 writes the user's real export cache; child processes inherit it. CROSSMODAL_INT8=off keeps `index --precision
 auto` on torch: where it would take the int8 tower depends on a speed measured on the machine
-(retrieval/model/int8_auto.py), and test vectors must not; tests/test_int8_auto.py turns it back on. Tests that need a fresh export, or damage
-one, get a cache of their own (fixtures `own_cache`, `linked_cache`).
+(retrieval/model/int8_auto.py), and test vectors must not; tests/test_int8_auto.py turns it back on. Tests
+that need a fresh export, or damage one, get a cache of their own (fixtures `own_cache`, `linked_cache`).
 
 Markers: `slow` (tens of seconds or more: CLI index runs, exports, crash loops), `browser` (a real Chromium),
 `subprocess` (runs the CLI or Python in a child process). `pytest -m "not slow"` is the quick inner loop;

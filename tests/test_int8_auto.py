@@ -57,7 +57,7 @@ def test_setting_and_cpu_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_first_batch_measures_once_and_the_choice_follows_it(made: dict[str, Any], quant_env: tuple[Path, Path],  # noqa: F811
                                                              encoder, pixels: np.ndarray, tmp_path: Path,  # noqa: ANN001, F811
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from retrieval.model import int8_auto
+    from retrieval.model import int8_auto, onnx_quant
     from retrieval.model.int8_auto import MIN_GAIN, SPEED_FILE, read_speeds, speed_key
     from retrieval.model.onnx_quant import Int8ImageEncoder, model_export
 
@@ -82,8 +82,11 @@ def test_first_batch_measures_once_and_the_choice_follows_it(made: dict[str, Any
         raise AssertionError("measured again")
 
     monkeypatch.setattr(int8_auto, "measure", never)
+    opener = onnx_quant.open_session
     for int8_s, torch_s, precision in ((30.0, 10.0, "int8"), (10.0, 10.0, "fp32"), (10.5, 10.0, "fp32")):
         _speed(export.folder, "fp32", int8_s, torch_s)  # the record decides; under MIN_GAIN is no gain
+        # a tower recorded slower is not even opened
+        monkeypatch.setattr(onnx_quant, "open_session", opener if precision == "int8" else never)
         notes.clear()
         again = Int8ImageEncoder(encoder, home, notes.append, warns.append, auto=True)
         got, _ = again.encode_pixels_with_tokens(pixels)

@@ -343,8 +343,7 @@ class Int8ImageEncoder(Encoder):
             return None
         threads = model_threads()
         if self._export is None:
-            if self.auto and unsupported_marker(self.fingerprint).is_file():  # no export, no tower: said before
-                self._refuse("this model cannot be exported to ONNX", None)
+            if self.auto and self._torch_known_faster():
                 return None
             try:
                 session, export = ensure_int8(self.inner, self.home, pixels, threads, self.say, self.warn)
@@ -359,6 +358,24 @@ class Int8ImageEncoder(Encoder):
             self._session = open_session(self._export.folder / INT8_FILE, threads)
         self._threads = threads
         return self._session, self._export
+
+    def _torch_known_faster(self) -> bool:
+        """auto: the tower cannot be had (the model cannot be exported: said before) or is recorded slower than
+        the inner model here; then it is not even opened."""
+        from retrieval.model.int8_auto import int8_wins
+
+        if unsupported_marker(self.fingerprint).is_file():
+            self._refuse("this model cannot be exported to ONNX", None)
+            return True
+        export = model_export(self.home, self.fingerprint)
+        if export is None:
+            return False
+        state, meta, _ = inspect_int8(export.folder, export.fingerprint, deep=False)
+        if state == "ok" and meta is not None and int8_wins(export.folder, str(meta.get("sha256")),
+                                                            self.inner.precision) is False:
+            self._refuse(f"torch {self.inner.precision} is faster here than the int8 tower", None)
+            return True
+        return False
 
     def _faster(self, session: Any, export: OnnxEncoder, pixels: np.ndarray, tokens: bool) -> bool:
         """auto: whether int8 beats the inner model here, as recorded, or measured now on `pixels`."""

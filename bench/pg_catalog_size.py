@@ -19,7 +19,9 @@ on 45% of rows). The vectors are 8-dimensional (the catalog does not depend on t
   .venv/bin/python bench/pg_catalog_size.py --n 200000 --check 50000 --json /tmp/pg_catalog_size.json
 
 The per-image figure is given for each size and as the slope between the two sizes (which takes out the
-fixed cost of empty tables and the meta rows); the two agreeing says the figure is stable.
+fixed cost of empty tables and the meta rows); the two agreeing says the figure is stable. For comparison it
+also measures the unique B-tree on the path that schema 3 had, on the same paths in commit order (schema 4
+keeps one row per path with a hash index instead).
 """
 
 from __future__ import annotations
@@ -128,6 +130,20 @@ def pg_sizes(url: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def btree_path_bytes(url: str) -> int:
+    """What schema 3's unique B-tree on the path took for the same paths: they are inserted in commit order
+    (by id, as the commits built that index) into a scratch table with that index; its size, then dropped."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE scratch_paths (path text, CONSTRAINT scratch_uq UNIQUE (path))")
+        conn.execute("INSERT INTO scratch_paths SELECT path FROM items WHERE path IS NOT NULL ORDER BY id")
+        row = conn.execute("SELECT pg_relation_size('scratch_uq')").fetchone()
+        conn.execute("DROP TABLE scratch_paths")
+    assert row is not None
+    return int(row[0])
+
+
 def sqlite_size(home: Path) -> int:
     """The SQLite catalog's bytes on disk (the file; the WAL is checkpointed when the writer closes)."""
     return sum(p.stat().st_size for p in home.glob("catalog.sqlite*"))
@@ -137,10 +153,12 @@ def measure(cluster: Any, n: int, seed: int, work: Path, with_sqlite: bool) -> d
     url = cluster.createdb(f"size_{n}")
     seconds, path_mean = fill(work / f"pg-{n}", url, n, seed)
     tables = pg_sizes(url)
+    btree = btree_path_bytes(url)
     total = sum(t["total"] for t in tables.values())
     res: dict[str, Any] = {"n": n, "insert_s": round(seconds, 1), "rows_per_s": round(n / seconds),
                            "mean_path_bytes": round(path_mean, 1), "tables": tables, "pg_total_bytes": total,
-                           "pg_bytes_per_image": total / n, "pg_items_bytes_per_image": tables["items"]["total"] / n}
+                           "pg_bytes_per_image": total / n, "pg_items_bytes_per_image": tables["items"]["total"] / n,
+                           "schema3_btree_path_bytes_per_image": btree / n}
     if with_sqlite:
         seconds, _ = fill(work / f"lite-{n}", None, n, seed)
         size = sqlite_size(work / f"lite-{n}")
@@ -167,6 +185,8 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 label = f"{table} {part}" if part != "total" else f"{table} TOTAL"
                 print(f"{label:34} {b:>14,} {b / r['n']:>10.1f}")
         print(f"{'all tables (PostgreSQL)':34} {r['pg_total_bytes']:>14,} {r['pg_bytes_per_image']:>10.1f}")
+        b3 = r["schema3_btree_path_bytes_per_image"]
+        print(f"{'(schema 3 B-tree on path, instead)':34} {b3 * r['n']:>14,.0f} {b3:>10.1f}")
         if "sqlite_bytes" in r:
             print(f"{'SQLite catalog.sqlite, same rows':34} {r['sqlite_bytes']:>14,} "
                   f"{r['sqlite_bytes_per_image']:>10.1f}   ({r['sqlite_insert_s']} s)")

@@ -306,6 +306,7 @@ def _deep_folder(root: Path, total: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_paths_longer_than_a_btree_entry_index_and_are_found(tmp_path: Path, new_catalog, checkpoint) -> None:
     """A photo and a bad file whose paths are > 3,000 bytes index through the CLI on PostgreSQL as on SQLite

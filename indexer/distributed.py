@@ -139,6 +139,30 @@ class ShardEmbedder:
         return Shard(rows, np.concatenate(vecs), failed, tokens, self.encoder.precision)
 
 
+def embed_here(files: Sequence[FileEntry], settings: RaySettings, spec: ModelSpec, checkpoint_sha: str | None,
+               fp: Fingerprint, folder: Path, thumbs_home: str | None) -> Iterator[Path]:
+    """Embed `files` in this process with the actors' own code (ShardEmbedder) and yield each shard file.
+
+    Why: Ray Data's file reader takes text paths, so a name that is not valid UTF-8 cannot be handed to it;
+    the driver embeds those few files itself (loading the model once more, only when there are any), and
+    they are merged like any shard, with what a local run commits for them. Files gone since the scan are
+    left out of every shard: the caller reports them."""
+    embedder = ShardEmbedder(spec, checkpoint_sha, fp.to_json(), str(folder), thumbs_home, settings.batch_size,
+                             threads=0)
+    for start in range(0, len(files), max(1, settings.shard_size)):
+        datas, paths = [], []
+        for f in files[start:start + max(1, settings.shard_size)]:
+            try:
+                with open(f.path, "rb") as fh:
+                    datas.append(fh.read())
+            except OSError:
+                continue
+            paths.append(f.path)
+        if paths:
+            out = embedder({"bytes": np.array(datas, dtype=object), "path": np.array(paths, dtype=object)})
+            yield Path(str(out["shard"][0]))
+
+
 def _entry(path: str, nbytes: int) -> FileEntry:
     """The file as the actor found it (size and mtime after the read; the driver records the scan's)."""
     try:

@@ -31,15 +31,21 @@ from retrieval.store.paths import to_catalog
 VANISHED = "file vanished during the run"
 
 
-def _ray_name_problem(path: str) -> str | None:
-    """Why Ray Data cannot be handed this path (it takes text paths only), or None."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return "the name is not valid UTF-8, which Ray Data cannot read; index it without --ray"
+def _read_problem(path: str) -> str | None:
+    """Why this file cannot be read (before anything is sent to Ray), or None."""
     if not os.access(path, os.R_OK):
         return "permission denied" if os.path.exists(path) else VANISHED
     return None
+
+
+def _ray_can_carry(path: str) -> bool:
+    """Whether Ray Data can be handed this path: its file reader takes text paths, so a name that is not
+    valid UTF-8 (lone surrogates from os.fsdecode) cannot go; the driver embeds those itself."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Merger:
@@ -146,23 +152,29 @@ def _merge_all(merger: _Merger, folder: Path, settings: RaySettings, spec: Model
     total = len(merger.todo)
     done = sum(merger.take(path, fresh=False) for path in list(complete_shards(folder)))
     send: list[FileEntry] = []
+    here: list[FileEntry] = []
     for p in sorted(merger.pending):
-        why = _ray_name_problem(p)
+        why = _read_problem(p)
         if why:
             report.skipped.append((to_catalog(p), why))
             merger.pending.discard(p)
             done += 1
         else:
-            send.append(merger.todo[p][0])
+            (send if _ray_can_carry(p) else here).append(merger.todo[p][0])
     if progress:
         progress(done, total)
+    home = str(store.home) if thumbnails else None
+    if here and store.fingerprint is not None:  # a few names Ray cannot carry: the actors' code, in this process
+        for path in distributed.embed_here(here, settings, spec, checkpoint_sha, store.fingerprint, folder, home):
+            done += merger.take(path, fresh=True)
+            if progress:
+                progress(done, total)
     if send and store.fingerprint is not None:
         t0 = time.perf_counter()
         started = distributed.connect(settings.address)
         try:
             if on_start:
                 on_start(time.perf_counter() - t0)
-            home = str(store.home) if thumbnails else None
             stream = distributed.embed_files(send, settings, spec, checkpoint_sha, store.fingerprint, folder, home)
             try:
                 for path in stream:
@@ -176,7 +188,7 @@ def _merge_all(merger: _Merger, folder: Path, settings: RaySettings, spec: Model
                 import ray
 
                 ray.shutdown()
-    for p in sorted(merger.pending):  # Ray found no such file any more
+    for p in sorted(merger.pending):  # Ray (or the driver) found no such file any more
         report.skipped.append((to_catalog(p), VANISHED))
     merger.pending.clear()
 

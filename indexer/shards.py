@@ -36,7 +36,7 @@ FORMAT = 1
 class ShardRow:
     """One embedded image: the catalog facts a local run records for it."""
 
-    path: str  # as os functions take it (valid UTF-8: Ray only reads such names)
+    path: str  # as os functions take it (a name that is not UTF-8 keeps its surrogates; JSON escapes them)
     size: int
     mtime: float
     sha256: str

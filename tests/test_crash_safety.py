@@ -14,6 +14,7 @@ import pytest
 
 from indexer.pipeline import index_paths
 from retrieval.store import Store
+from retrieval.store.records import SCHEMA_VERSION
 from tests.helpers import TEST_MODEL, catalog_url, pattern, run_cli, start_cli
 
 
@@ -149,5 +150,5 @@ def test_schema_1_catalog_is_migrated(tmp_path, encoder, readonly_first, any_cat
         assert all(v.camera is None for v in views.values())
     engine = create_engine(catalog_url(home))
     with engine.begin() as c:
-        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "3"  # 1 -> 2 -> 3
+        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == str(SCHEMA_VERSION)
     engine.dispose()

@@ -18,6 +18,7 @@ import pytest
 
 from indexer.pipeline import index_paths, remove_paths
 from retrieval.store import ImageFilter, Store
+from retrieval.store.records import SCHEMA_VERSION
 from tests.helpers import TEST_MODEL, catalog_url, pattern, run_cli
 
 LATIN = b"caf\xe9.jpg"  # Latin-1 e-acute
@@ -223,7 +224,7 @@ def test_schema_2_catalog_is_migrated(tmp_path, encoder, readonly_first, any_cat
         assert store.skipped() == []
     engine = create_engine(catalog_url(home))
     with engine.begin() as c:
-        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == "3"
+        assert c.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar() == str(SCHEMA_VERSION)
     engine.dispose()
     # the next run keeps both images (nothing re-embedded) and now indexes the non-UTF-8 name
     with open(os.fsencode(lib) + b"/" + LATIN, "wb") as f:

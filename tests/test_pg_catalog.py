@@ -23,6 +23,7 @@ from retrieval.model.spec import Fingerprint
 from retrieval.store import ImageRecord, Store, TextRecord
 from retrieval.store.catalog_url import mask, parse
 from retrieval.store.location import ENV, POINTER
+from retrieval.store.records import SCHEMA_VERSION
 from tests.helpers import ROOT, TEST_MODEL, pattern, run_cli, start_cli
 
 pytestmark = pytest.mark.postgres
@@ -159,7 +160,7 @@ def test_a_reader_upgrading_the_schema_waits_for_no_writer(tmp_path: Path, new_c
     with Store.open(home) as s:
         assert s.count("image") == 3
     with engine.begin() as c:
-        assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"
+        assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
     engine.dispose()
 
 
@@ -288,3 +289,84 @@ def test_page_signature_follows_a_postgres_catalog(tmp_path: Path, new_catalog) 
         w.add_images([ImageRecord(path="/p/new.jpg", sha256="f" * 64, bytes=1, mtime=1.0, width=4, height=3)],
                      _unit(1, 9))
     assert services.index_signature(home) not in (before, None)
+
+
+# ---- paths longer than a B-tree entry (~2,700 bytes): uniqueness on a hash index ------------------------------
+def _noise(n: int, seed: int) -> str:
+    """Letters that do not compress: PostgreSQL compresses a long index entry, so "ddd..." would fit anyway."""
+    return "".join(np.random.default_rng(seed).choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), n))
+
+
+def _deep_folder(root: Path, total: int) -> Path:
+    """A folder whose absolute path is at least `total` bytes (names of 200 bytes; Linux allows 255 each)."""
+    folder = root
+    while len(str(folder).encode()) < total:
+        folder = folder / _noise(200, len(folder.parts))
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_paths_longer_than_a_btree_entry_index_and_are_found(tmp_path: Path, new_catalog, checkpoint) -> None:
+    """A photo and a bad file whose paths are > 3,000 bytes index through the CLI on PostgreSQL as on SQLite
+    (the unique B-tree on the path refused them), and the photo is found by search and --under."""
+    deep = _deep_folder(tmp_path / "lib", 3200)
+    pattern(5, (64, 48)).save(deep / "long.png")
+    (deep / "broken.jpg").write_bytes(b"not a jpeg")
+    photo = str(deep / "long.png")
+    assert len(photo.encode()) > 3000
+    home = tmp_path / "home"
+    r = run_cli("index", str(tmp_path / "lib"), "--catalog", new_catalog(), "--model", TEST_MODEL, "--pretrained",
+                str(checkpoint), "--workers", "0", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["added"] == 1 and [s["path"] for s in report["skipped"]] == [str(deep / "broken.jpg")]
+    hits = json.loads(run_cli("search", "a photo", "-k", "5", "--json", home=home).stdout)
+    assert [h["path"] for h in hits] == [photo]
+    under = json.loads(run_cli("search", "a photo", "--under", str(deep), "--json", home=home).stdout)
+    assert [h["path"] for h in under] == [photo]
+    again = run_cli("index", str(tmp_path / "lib"), "--json", home=home)  # unchanged: nothing added, skip kept
+    assert again.returncode == 0 and json.loads(again.stdout)["added"] == 0, again.stderr
+    with Store.open(home) as s:
+        assert list(s.image_files()) == [photo] and [p for p, _ in s.skipped()] == [str(deep / "broken.jpg")]
+
+
+def test_schema_3_postgres_catalog_moves_path_uniqueness_to_hash_indexes(tmp_path: Path, new_catalog) -> None:
+    """A schema-3 PostgreSQL catalog (UNIQUE (path) on items, PRIMARY KEY (path) on skipped) is migrated: long
+    paths commit afterwards, a duplicate path is still refused, and lookups by path use the hash index."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
+
+    url = new_catalog()
+    home = tmp_path / "h"
+    _small(home, url)
+    engine = create_engine(url)
+    with engine.begin() as c:  # schema 3's constraints
+        c.execute(text("ALTER TABLE items DROP CONSTRAINT ex_items_path"))
+        c.execute(text("ALTER TABLE items ADD CONSTRAINT uq_items_path UNIQUE (path)"))
+        c.execute(text("ALTER TABLE skipped DROP CONSTRAINT ex_skipped_path"))
+        c.execute(text("ALTER TABLE skipped ADD PRIMARY KEY (path)"))
+        c.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    long = "/p/" + _noise(3500, 1) + ".jpg"
+    with Store.open(home, writable=True) as w:
+        w.add_images([ImageRecord(path=long, sha256="e" * 64, bytes=1, mtime=1.0, width=4, height=3)], _unit(1, 5))
+        w.record_skipped([(long + ".bad", "not an image")])
+        with pytest.raises(IntegrityError):  # still one row per path
+            w.add_images([ImageRecord(path=long, sha256="d" * 64, bytes=2, mtime=2.0, width=4, height=3)],
+                         _unit(1, 6))
+    with engine.begin() as c:
+        kinds = dict(c.execute(text("SELECT conname, contype FROM pg_constraint WHERE conrelid IN "
+                                    "('items'::regclass, 'skipped'::regclass)")).all())
+        assert "uq_items_path" not in kinds and "p" not in {kinds[k] for k in kinds if "skipped" in k}
+        assert kinds["ex_items_path"] == kinds["ex_skipped_path"] == "x"
+        assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
+        c.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table: ask whether an index can serve it
+        for table in ("items", "skipped"):
+            plan = " ".join(r for (r,) in c.execute(text(f"EXPLAIN SELECT * FROM {table} WHERE path = :p"),
+                                                     {"p": long}))
+            assert f"ex_{table}_path" in plan, plan
+    engine.dispose()
+    with Store.open(home) as s:
+        assert s.count("image") == 4 and long in s.image_files() and s.skipped() == [(long + ".bad",
+                                                                                        "not an image")]

@@ -183,6 +183,44 @@ def test_an_address_joins_the_running_cluster(ray_session, tmp_path, library, ch
     assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2  # joined, not started or stopped
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_names_that_are_not_utf8_are_indexed_under_ray(ray_session, cli_state, tmp_path, encoder, checkpoint,
+                                                       library) -> None:  # noqa: ANN001
+    """Ray Data takes text paths only: names that are not valid UTF-8 (a Latin-1 folder, a Shift-JIS file, a
+    bad file among them) are embedded by the driver with the actors' code, and the run commits what a local
+    run does, beside files Ray embedded."""
+    from retrieval.model.recorded import record_model
+    from retrieval.store.paths import to_catalog
+
+    root = tmp_path / "lib"
+    raw = os.fsencode(root)
+    os.makedirs(raw + b"/caf\xe9")
+    shutil.copy(library["img01"], os.fsdecode(raw + b"/caf\xe9/inside.png"))
+    shutil.copy(library["img02"], os.fsdecode(raw + b"/\x83\x5c\x83\x74\x83\x67.webp"))  # Shift-JIS
+    with open(raw + b"/caf\xe9/broken\xff.jpg", "wb") as f:
+        f.write(b"not a jpeg")
+    shutil.copy(library["img03"], root / "plain.jpeg")  # Ray still embeds the rest
+    local = tmp_path / "local"
+    with Store.open(local, create=True, writable=True) as store:
+        record_model(store, encoder)
+        r = index_paths(store, encoder, [str(root)], batch_size=4, workers=0)
+    assert r.added == 3 and len(r.skipped) == 1
+    home = tmp_path / "home"
+    res = cli_in_process("index", str(root), "--model", TEST_MODEL, "--pretrained", str(checkpoint), "--device",
+                         "cpu", "--precision", "fp32", "--quiet", "--json", "--ray", "auto", "--shard-size", "2",
+                         home=home)
+    assert res.exit_code == 0, res.output
+    ray_state, local_state = _state(home), _state(local)
+    _same(ray_state, local_state)
+    rows, skipped = ray_state["rows"], ray_state["skipped"]
+    assert isinstance(rows, dict) and isinstance(skipped, list)
+    assert sorted(rows) == sorted(to_catalog(os.fsdecode(raw + name)) for name in (
+        b"/caf\xe9/inside.png", b"/\x83\x5c\x83\x74\x83\x67.webp", b"/plain.jpeg"))
+    assert [p for p, _ in skipped] == [to_catalog(os.fsdecode(raw + b"/caf\xe9/broken\xff.jpg"))]
+    assert not (home / "shards").exists()
+
+
 class DyingOnce:
     """Stands in for ShardEmbedder (imported by Ray's workers from this module): the first call in a home
     kills its actor process, as a lost machine would."""

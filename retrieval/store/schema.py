@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Text,
     TypeDecorator,
@@ -32,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy import text as sql_text
-from sqlalchemy.engine import URL, Dialect, Engine
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from retrieval.errors import IndexLocked, SchemaTooNew
@@ -75,12 +76,28 @@ class CatalogText(TypeDecorator[str]):
 BigId = Integer().with_variant(BigInteger(), "postgresql")  # SQLite's INTEGER is 64-bit; PostgreSQL's is not
 
 
+def path_exclusion(table: str) -> str:
+    """PostgreSQL's one row per path (SQLite keeps its unique constraint, see `sqlite_only`).
+
+    Why: a PostgreSQL B-tree entry holds at most ~2,700 bytes, so a unique index on the path failed the commit
+    of any file path longer than that (Linux allows 4,095 bytes). A hash index stores a 4-byte hash of any
+    length of text and rechecks equal hashes against the rows, so `path WITH =` stays exact uniqueness, and
+    `WHERE path = ...` lookups use the same index. Added by DDL after CREATE TABLE (and by the 3 -> 4 step),
+    so SQLite writers never import SQLAlchemy's PostgreSQL dialect."""
+    return f"ALTER TABLE {table} ADD CONSTRAINT ex_{table}_path EXCLUDE USING hash (path WITH =)"
+
+
+def sqlite_only(constraint: UniqueConstraint | PrimaryKeyConstraint) -> Any:
+    """The path's constraint as SQLite has always had it; PostgreSQL gets `path_exclusion` instead."""
+    return constraint.ddl_if(dialect="sqlite")
+
+
 class Item(Base):
     """An image file or a caption; its integer id is also its FAISS id (never reused: AUTOINCREMENT)."""
 
     __tablename__ = "items"
     __table_args__ = (
-        UniqueConstraint("path", name="uq_items_path"),
+        sqlite_only(UniqueConstraint("path", name="uq_items_path")),
         UniqueConstraint("corpus", "sha256", name="uq_items_corpus_text"),
         Index("ix_items_modality", "modality"),
         Index("ix_items_sha256", "sha256"),
@@ -118,9 +135,20 @@ class Skipped(Base):
     """Files the last runs could not index, with the reason (for reports; retried on each run)."""
 
     __tablename__ = "skipped"
-    path: Mapped[str] = mapped_column(CatalogText(), primary_key=True)
+    __table_args__ = (sqlite_only(PrimaryKeyConstraint("path")),)  # the ORM's key; on SQLite the table's too
+    path: Mapped[str] = mapped_column(CatalogText())
     reason: Mapped[str] = mapped_column(CatalogText())
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _add_path_exclusion(target: Any, connection: Connection, **_kw: Any) -> None:
+    """After CREATE TABLE items/skipped on PostgreSQL: `path_exclusion`."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sql_text(path_exclusion(target.name)))
+
+
+for _model in (Item, Skipped):
+    event.listen(_model.__table__, "after_create", _add_path_exclusion)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -167,7 +195,26 @@ def _v2_to_v3(session: Session) -> None:
     session.execute(delete(skipped).where(skipped.c.reason == "file name is not valid UTF-8"))
 
 
-LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2, 2: _v2_to_v3}  # found version -> found + 1
+def _v3_to_v4(session: Session) -> None:
+    """Schema 4: on PostgreSQL the path's uniqueness (items' unique index, skipped's primary key) moves to
+    exclusion constraints on hash indexes (`path_exclusion`), so paths longer than a B-tree entry index too.
+    SQLite is unchanged. Idempotent: a table whose constraint has the new form already is left as it is."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for table, old_kind in (("items", "u"), ("skipped", "p")):
+        found = session.execute(sql_text("SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
+                                         "WHERE conrelid = CAST(:t AS regclass)"), {"t": table}).all()
+        if any(name == f"ex_{table}_path" for name, _, _ in found):
+            continue
+        for name, kind, definition in found:
+            if kind == old_kind and definition.endswith("(path)"):  # UNIQUE (path) / PRIMARY KEY (path)
+                session.execute(sql_text(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"'))
+        if table == "skipped":  # the primary key made it NOT NULL; say so on its own
+            session.execute(sql_text("ALTER TABLE skipped ALTER COLUMN path SET NOT NULL"))
+        session.execute(sql_text(path_exclusion(table)))
+
+
+LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # found version -> found + 1
 
 
 def migrate(session: Session, found: int) -> None:

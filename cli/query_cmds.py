@@ -337,7 +337,7 @@ def info(json_out: JsonOpt = False) -> None:
         from retrieval.model.onnx_quant import int8_status
 
         int8 = int8_status(store.home, fp)
-        rows += [["int8 image tower (index --precision int8)", int8]] if int8 else []
+        rows += [["int8 image tower (indexing)", int8]] if int8 else []
     if unused is not None and unused.is_dir():
         rows += [["unused ONNX export of an earlier crossmodal",
                   f"{unused}, {folder_bytes(unused) / 1e6:.1f} MB: delete it to reclaim the space"]]

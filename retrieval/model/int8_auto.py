@@ -84,6 +84,19 @@ def int8_wins(folder: Path, tower_sha: str, torch_precision: str) -> bool | None
         return None
 
 
+def speed_line(folder: Path, tower_sha: str) -> str:
+    """What `--precision auto` does with the tower on this CPU, for `crossmodal info`."""
+    from retrieval.model.spec import resolve_precision
+
+    torch_precision = resolve_precision("auto", "cpu", "index")
+    entry = read_speeds(folder).get(speed_key(torch_precision))
+    if int8_wins(folder, tower_sha, torch_precision) is None or not isinstance(entry, dict):
+        return f"auto: not yet timed against torch {torch_precision} on this CPU ({cpu_kind()})"
+    wins = bool(int8_wins(folder, tower_sha, torch_precision))
+    return (f"auto: {'uses it' if wins else f'torch {torch_precision}'} here ({entry['int8_img_s']:.1f} vs "
+            f"{entry['torch_img_s']:.1f} img/s in torch {torch_precision}, {cpu_kind()})")
+
+
 def _rate(run: Any, pixels: np.ndarray) -> float:
     """Images per second of `run(pixels)`: a warm-up on two photos, then the faster of two passes."""
     run(pixels[:2])

@@ -448,7 +448,9 @@ def int8_status(home: str | Path, fp: Fingerprint) -> str | None:
         return None
     state, meta, why = inspect_int8(export.folder, fp, deep=False)
     if state == "ok" and meta is not None:
+        from retrieval.model.int8_auto import speed_line
+
         c = meta["check"]
         return (f"{int(meta['bytes']) / 1e6:.1f} MB, mean cosine {c['mean_cosine']:.4f} to fp32 on {c['photos']} "
-                f"photos")
+                f"photos; {speed_line(export.folder, str(meta.get('sha256')))}")
     return {"none": None, "refused": why, "damaged": f"damaged ({why}); made again by the next int8 run"}[state]

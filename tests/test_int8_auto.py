@@ -159,8 +159,8 @@ def test_new_home_indexes_in_int8_without_torch(made: dict[str, Any], quant_env:
     assert "(int8)" in said and "warning" not in said and "making" not in said, said
     info = run_cli("info", "--json", home=home, env=env)
     assert info.returncode == 0 and json.loads(info.stdout)["image_precision"] == "int8", info.stdout
-    table = run_cli("info", home=home, env=env)
-    assert "auto: uses it here (30.0 vs 10.0 img/s" in " ".join(table.stdout.split()), table.stdout
+    table = run_cli("info", home=home, env={**env, "COLUMNS": "400"})  # one line per row
+    assert "auto: uses it here (30.0 vs 10.0 img/s" in table.stdout, table.stdout
     with Store.open(home) as int8, Store.open(built_index) as fp32:
         assert int8.count("image") == GOOD
         by_path = {v.path: k for k, v in fp32.items(fp32.vectors("image")[0]).items()}

@@ -333,8 +333,10 @@ def test_paths_longer_than_a_btree_entry_index_and_are_found(tmp_path: Path, new
 
 
 def test_schema_3_postgres_catalog_moves_path_uniqueness_to_hash_indexes(tmp_path: Path, new_catalog) -> None:
-    """A schema-3 PostgreSQL catalog (UNIQUE (path) on items, PRIMARY KEY (path) on skipped) is migrated: long
-    paths commit afterwards, a duplicate path is still refused, and lookups by path use the hash index."""
+    """A schema-3 PostgreSQL catalog (UNIQUE (path) on items, PRIMARY KEY (path) on skipped, UNIQUE (corpus,
+    sha256) over every row) is migrated: long paths commit afterwards, a duplicate path is still refused, and
+    lookups by path use the hash index; one caption per corpus is a partial index over captions only, and a
+    repeated caption is still refused."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import IntegrityError
 
@@ -347,6 +349,8 @@ def test_schema_3_postgres_catalog_moves_path_uniqueness_to_hash_indexes(tmp_pat
         c.execute(text("ALTER TABLE items ADD CONSTRAINT uq_items_path UNIQUE (path)"))
         c.execute(text("ALTER TABLE skipped DROP CONSTRAINT ex_skipped_path"))
         c.execute(text("ALTER TABLE skipped ADD PRIMARY KEY (path)"))
+        c.execute(text("DROP INDEX uq_items_corpus_text"))
+        c.execute(text("ALTER TABLE items ADD CONSTRAINT uq_items_corpus_text UNIQUE (corpus, sha256)"))
         c.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
     long = "/p/" + _noise(3500, 1) + ".jpg"
     with Store.open(home, writable=True) as w:
@@ -355,11 +359,16 @@ def test_schema_3_postgres_catalog_moves_path_uniqueness_to_hash_indexes(tmp_pat
         with pytest.raises(IntegrityError):  # still one row per path
             w.add_images([ImageRecord(path=long, sha256="d" * 64, bytes=2, mtime=2.0, width=4, height=3)],
                          _unit(1, 6))
+        w.add_texts([TextRecord(corpus="c", row=0, text="a dog", sha256="f" * 64)], _unit(1, 7))
+        with pytest.raises(IntegrityError):  # still one caption text per corpus
+            w.add_texts([TextRecord(corpus="c", row=1, text="a dog", sha256="f" * 64)], _unit(1, 8))
     with engine.begin() as c:
         kinds = dict(c.execute(text("SELECT conname, contype FROM pg_constraint WHERE conrelid IN "
                                     "('items'::regclass, 'skipped'::regclass)")).all())
         assert "uq_items_path" not in kinds and "p" not in {kinds[k] for k in kinds if "skipped" in k}
-        assert kinds["ex_items_path"] == kinds["ex_skipped_path"] == "x"
+        assert kinds["ex_items_path"] == kinds["ex_skipped_path"] == "x" and "uq_items_corpus_text" not in kinds
+        partial = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_items_corpus_text'")).scalar()
+        assert partial is not None and "UNIQUE" in partial and "WHERE (corpus IS NOT NULL)" in partial, partial
         assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(SCHEMA_VERSION)
         c.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table: ask whether an index can serve it
         for table in ("items", "skipped"):

@@ -92,13 +92,20 @@ def sqlite_only(constraint: UniqueConstraint | PrimaryKeyConstraint) -> Any:
     return constraint.ddl_if(dialect="sqlite")
 
 
+# One caption text per corpus: a partial index over caption rows only (image rows have no corpus). A plain
+# unique constraint gave every image row an entry too: 138 of the 586 bytes per image of a PostgreSQL catalog
+# (bench/pg_catalog_size.py). Catalogs made before schema 4 keep the constraint on SQLite (same rule; SQLite
+# cannot drop a table's constraint in place) and get the partial index on PostgreSQL (`_v3_to_v4`).
+CAPTIONS_ONLY: dict[str, Any] = {f"{d}_where": sql_text("corpus IS NOT NULL") for d in ("sqlite", "postgresql")}
+
+
 class Item(Base):
     """An image file or a caption; its integer id is also its FAISS id (never reused: AUTOINCREMENT)."""
 
     __tablename__ = "items"
     __table_args__ = (
         sqlite_only(UniqueConstraint("path", name="uq_items_path")),
-        UniqueConstraint("corpus", "sha256", name="uq_items_corpus_text"),
+        Index("uq_items_corpus_text", "corpus", "sha256", unique=True, **CAPTIONS_ONLY),
         Index("ix_items_modality", "modality"),
         Index("ix_items_sha256", "sha256"),
         {"sqlite_autoincrement": True},
@@ -197,10 +204,17 @@ def _v2_to_v3(session: Session) -> None:
 
 def _v3_to_v4(session: Session) -> None:
     """Schema 4: on PostgreSQL the path's uniqueness (items' unique index, skipped's primary key) moves to
-    exclusion constraints on hash indexes (`path_exclusion`), so paths longer than a B-tree entry index too.
-    SQLite is unchanged. Idempotent: a table whose constraint has the new form already is left as it is."""
+    exclusion constraints on hash indexes (`path_exclusion`), so paths longer than a B-tree entry index too,
+    and one caption per corpus becomes a partial index over captions (CAPTIONS_ONLY). SQLite is unchanged.
+    Idempotent: a table whose constraint has the new form already is left as it is."""
     if session.get_bind().dialect.name != "postgresql":
         return
+    captions = session.execute(sql_text("SELECT 1 FROM pg_constraint WHERE conname = 'uq_items_corpus_text' AND "
+                                        "conrelid = CAST('items' AS regclass)")).first()
+    if captions is not None:  # schema 3's unique constraint: the partial index of captions only (CAPTIONS_ONLY)
+        session.execute(sql_text("ALTER TABLE items DROP CONSTRAINT uq_items_corpus_text"))
+        session.execute(sql_text("CREATE UNIQUE INDEX uq_items_corpus_text ON items (corpus, sha256) "
+                                 "WHERE corpus IS NOT NULL"))
     for table, old_kind in (("items", "u"), ("skipped", "p")):
         found = session.execute(sql_text("SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
                                          "WHERE conrelid = CAST(:t AS regclass)"), {"t": table}).all()

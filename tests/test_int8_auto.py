@@ -191,3 +191,29 @@ def test_new_home_indexes_in_int8_without_torch(made: dict[str, Any], quant_env:
         assert _imported(imports, "torch") and f"({torch_precision})" in said and "warning" not in said, said
         info = run_cli("info", "--json", home=other, env=env)
         assert json.loads(info.stdout)["image_precision"] == torch_precision, (name, info.stdout)
+
+
+def test_a_read_only_cache_still_decides_the_run(made: dict[str, Any], quant_env: tuple[Path, Path], encoder,  # noqa: ANN001, F811
+                                                 pixels: np.ndarray, tmp_path: Path,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed cannot be recorded (a read-only shared cache): one warning, and the run follows what it
+    measured."""
+    import errno
+
+    from retrieval.model import int8_auto
+    from retrieval.model.onnx_quant import Int8ImageEncoder
+
+    home = fresh_copy(quant_env, tmp_path, monkeypatch)
+
+    def read_only(*_: object, **__: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(int8_auto, "record_speed", read_only)
+    monkeypatch.setattr(int8_auto, "measure", lambda *_a, **_k: {"int8_img_s": 30.0, "torch_img_s": 10.0})
+    notes: list[str] = []
+    warns: list[str] = []
+    enc = Int8ImageEncoder(encoder, home, notes.append, warns.append, auto=True)
+    vectors, _ = enc.encode_pixels_with_tokens(pixels)
+    assert len(warns) == 1 and "cannot record the int8 tower's speed" in warns[0], warns
+    assert enc.precision == "int8"
+    np.testing.assert_array_equal(vectors, made["vectors"])

@@ -392,7 +392,10 @@ class Int8ImageEncoder(Encoder):
             names = ["embedding", TOKENS_OUT] if tokens else ["embedding"]
             entry = measure(self.inner, lambda p: session.run(names, {"pixels": export.pixels_to_array(p)}),
                             pixels, tokens)
-            record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
+            try:
+                record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
+            except OSError as e:  # a read-only cache: this run follows the measurement, the next measures again
+                self.warn(f"cannot record the int8 tower's speed in {export.folder} ({e.strerror or e})")
             wins = entry["int8_img_s"] >= MIN_GAIN * entry["torch_img_s"]
             self.say(f"int8 image tower {entry['int8_img_s']:.1f} img/s, torch {torch_precision} "
                      f"{entry['torch_img_s']:.1f} img/s on this CPU ({cpu_kind()}): images in "

@@ -398,7 +398,7 @@ def auto_precision(encoder, args, scratch: Path, tiers: list[str]):
     than torch (retrieval/model/int8_auto.py), decided here as the CLI's first batch decides, on the first
     tier's photos, with an export cache of the bench's own (made and measured before any timing)."""
     from retrieval.model.int8_auto import auto_int8_allowed
-    from retrieval.model.onnx_quant import Int8ImageEncoder
+    from retrieval.model.int8_encoder import Int8ImageEncoder
 
     if args.precision != "auto" or encoder.device != "cpu" or not auto_int8_allowed():
         return encoder

@@ -95,7 +95,7 @@ def model_source(store: Store, model: str | None, pretrained: str | None, device
     def load() -> Encoder:
         """Load the model (a background thread may run this: it records nothing)."""
         if int8 or auto8():
-            from retrieval.model.int8_auto import int8_without_torch
+            from retrieval.model.int8_encoder import int8_without_torch
 
             enc = int8_without_torch(store, model, pretrained, say, warn, measured=not int8)
             if enc is not None:
@@ -104,7 +104,7 @@ def model_source(store: Store, model: str | None, pretrained: str | None, device
 
     def ready(enc: Encoder) -> Encoder:
         """Record the loaded model in the index and say which it is (in the thread that embeds)."""
-        from retrieval.model.onnx_quant import Int8ImageEncoder
+        from retrieval.model.int8_encoder import Int8ImageEncoder
 
         record_model(store, enc)
         if (int8 or (may8 and enc.device == "cpu")) and not isinstance(enc, Int8ImageEncoder):

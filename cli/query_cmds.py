@@ -334,7 +334,7 @@ def info(json_out: JsonOpt = False) -> None:
                  else "in this index, from an earlier crossmodal")
         rows += [["ONNX export (fast queries)",
                   f"{export['path']}, {int(export['bytes']) / 1e6:.1f} MB ({where})" if export else "none"]]
-        from retrieval.model.onnx_quant import int8_status
+        from retrieval.model.int8_auto import int8_status
 
         int8 = int8_status(store.home, fp)
         rows += [["int8 image tower (indexing)", int8]] if int8 else []

@@ -59,7 +59,8 @@ def test_first_batch_measures_once_and_the_choice_follows_it(made: dict[str, Any
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.model import int8_auto, onnx_quant
     from retrieval.model.int8_auto import MIN_GAIN, SPEED_FILE, read_speeds, speed_key
-    from retrieval.model.onnx_quant import Int8ImageEncoder, model_export
+    from retrieval.model.int8_encoder import Int8ImageEncoder
+    from retrieval.model.onnx_quant import model_export
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch)  # the tower made and checked, never timed
     export = model_export(home, encoder.fingerprint)
@@ -102,7 +103,8 @@ def test_auto_is_silent_where_int8_cannot_be_had(quant_env: tuple[Path, Path], e
     progress line, no warning."""
     from retrieval.model import onnx_quant
     from retrieval.model.int8_auto import SPEED_FILE
-    from retrieval.model.onnx_quant import INT8_META, MIN_CHECK_PHOTOS, Int8ImageEncoder, model_export
+    from retrieval.model.int8_encoder import Int8ImageEncoder
+    from retrieval.model.onnx_quant import INT8_META, MIN_CHECK_PHOTOS, model_export
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch, int8=False)
     notes: list[str] = []
@@ -201,7 +203,7 @@ def test_a_read_only_cache_still_decides_the_run(made: dict[str, Any], quant_env
     import errno
 
     from retrieval.model import int8_auto
-    from retrieval.model.onnx_quant import Int8ImageEncoder
+    from retrieval.model.int8_encoder import Int8ImageEncoder
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch)
 

@@ -79,7 +79,8 @@ def pixels(encoder, photos) -> np.ndarray:  # noqa: ANN001
 @pytest.fixture(scope="module")
 def made(quant_env: tuple[Path, Path], encoder, pixels: np.ndarray) -> dict[str, Any]:  # noqa: ANN001
     """The int8 tower made through the encoder the indexer uses, and its first outputs."""
-    from retrieval.model.onnx_quant import INT8_FILE, INT8_META, Int8ImageEncoder, model_export
+    from retrieval.model.int8_encoder import Int8ImageEncoder
+    from retrieval.model.onnx_quant import INT8_FILE, INT8_META, model_export
 
     notes: list[str] = []
     warns: list[str] = []
@@ -95,6 +96,7 @@ def made(quant_env: tuple[Path, Path], encoder, pixels: np.ndarray) -> dict[str,
 def test_made_once_then_reused(made: dict[str, Any], quant_env: tuple[Path, Path], encoder, pixels: np.ndarray,  # noqa: ANN001
                                monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.model import onnx_quant
+    from retrieval.model.int8_encoder import Int8ImageEncoder
 
     assert made["warns"] == [] and len(made["notes"]) == 1 and "making the int8 image tower" in made["notes"][0]
     meta = made["meta"]
@@ -107,7 +109,7 @@ def test_made_once_then_reused(made: dict[str, Any], quant_env: tuple[Path, Path
 
     monkeypatch.setattr(onnx_quant, "quantize_image_graph", never)
     notes: list[str] = []
-    again = onnx_quant.Int8ImageEncoder(encoder, quant_env[0], notes.append, notes.append)
+    again = Int8ImageEncoder(encoder, quant_env[0], notes.append, notes.append)
     vectors, tokens = again.encode_pixels_with_tokens(pixels)
     assert notes == [] and again.precision == "int8" and made["file"].stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(vectors, made["vectors"])
@@ -131,7 +133,8 @@ def test_within_the_cosine_bound_of_torch_fp32(made: dict[str, Any], encoder, pi
 def test_damaged_tower_is_remade_after_one_line(made: dict[str, Any], quant_env: tuple[Path, Path], encoder,  # noqa: ANN001
                                                 pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 damage: str) -> None:
-    from retrieval.model.onnx_quant import INT8_FILE, INT8_META, Int8ImageEncoder, inspect_int8, model_export
+    from retrieval.model.int8_encoder import Int8ImageEncoder
+    from retrieval.model.onnx_quant import INT8_FILE, INT8_META, inspect_int8, model_export
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch)
     export = model_export(home, encoder.fingerprint)
@@ -159,11 +162,12 @@ def test_damaged_tower_is_remade_after_one_line(made: dict[str, Any], quant_env:
 def test_refused_tower_falls_back_and_is_remembered(quant_env: tuple[Path, Path], encoder, pixels: np.ndarray,  # noqa: ANN001
                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.model import onnx_quant
+    from retrieval.model.int8_encoder import Int8ImageEncoder
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch, int8=False)
     monkeypatch.setattr(onnx_quant, "MIN_MEAN_COSINE", 1.01)  # no graph reaches it
     warns: list[str] = []
-    enc = onnx_quant.Int8ImageEncoder(encoder, home, None, warns.append)
+    enc = Int8ImageEncoder(encoder, home, None, warns.append)
     vectors, tokens = enc.encode_pixels_with_tokens(pixels)
     assert len(warns) == 1 and warns[0].startswith("int8 refused") and "indexing at fp32 instead" in warns[0], warns
     assert enc.precision == encoder.precision == "fp32"
@@ -180,7 +184,7 @@ def test_refused_tower_falls_back_and_is_remembered(quant_env: tuple[Path, Path]
 
     monkeypatch.setattr(onnx_quant, "quantize_image_graph", never)
     warns.clear()
-    again = onnx_quant.Int8ImageEncoder(encoder, home, None, warns.append)
+    again = Int8ImageEncoder(encoder, home, None, warns.append)
     np.testing.assert_array_equal(again.encode_pixels(pixels), ref_vectors)
     assert len(warns) == 1 and "int8 refused" in warns[0] and "delete it to check again" in warns[0], warns
 
@@ -188,7 +192,8 @@ def test_refused_tower_falls_back_and_is_remembered(quant_env: tuple[Path, Path]
 def test_too_few_photos_to_check_fall_back_for_this_run(quant_env: tuple[Path, Path], encoder,  # noqa: ANN001
                                                         pixels: np.ndarray, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from retrieval.model.onnx_quant import INT8_META, MIN_CHECK_PHOTOS, Int8ImageEncoder, model_export
+    from retrieval.model.int8_encoder import Int8ImageEncoder
+    from retrieval.model.onnx_quant import INT8_META, MIN_CHECK_PHOTOS, model_export
 
     home = fresh_copy(quant_env, tmp_path, monkeypatch, int8=False)
     warns: list[str] = []
@@ -224,7 +229,7 @@ def test_index_paths_with_int8_records_the_precision(made: dict[str, Any], quant
                                                      encoder, photos, built_index: Path, tmp_path: Path,  # noqa: ANN001
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from indexer.pipeline import index_paths
-    from retrieval.model.onnx_quant import Int8ImageEncoder
+    from retrieval.model.int8_encoder import Int8ImageEncoder
     from retrieval.model.recorded import image_precisions
     from retrieval.store import Store
 

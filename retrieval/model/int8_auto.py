@@ -6,7 +6,7 @@ before any use. What is left to decide is speed, which depends on the CPU (VNNI,
 measured, not guessed: the run that first has the tower times it and the torch model `auto` would otherwise
 use, on the same photos, and records both per CPU kind in SPEED_FILE beside the tower. Later runs read that
 record. Where int8 won, a model whose export and tower are ready opens without torch at all (the export
-answers for the rest of the model), which is what makes a new home of a known model fast: no torch import,
+answers for the rest of the model; int8_encoder.py), which makes a new home of a known model fast: no torch import,
 no weights to load.
 
 CROSSMODAL_INT8=off keeps `auto` on torch (an explicit `--precision int8` still works). The test suite sets
@@ -27,7 +27,9 @@ import numpy as np
 from retrieval.errors import UserError
 from retrieval.hardware import cpu_kind
 from retrieval.model.onnx_encoder import OnnxEncoder
+from retrieval.model.onnx_quant import inspect_int8, model_export
 from retrieval.model.protocol import Encoder
+from retrieval.model.spec import Fingerprint
 
 INT8_ENV = "CROSSMODAL_INT8"
 SPEED_FILE = "image-int8-speed.json"
@@ -123,40 +125,20 @@ def torchless_int8(export: OnnxEncoder, torch_precision: str | None) -> bool:
     """Whether `export`'s model can index images on its int8 tower without loading torch: the tower is made,
     passed its check, and (unless `torch_precision` is None: int8 was asked for) measured faster here than
     torch at `torch_precision`."""
-    from retrieval.model.onnx_quant import inspect_int8
-
     state, meta, _ = inspect_int8(export.folder, export.fingerprint, deep=False)  # the session open checks sha256
     if state != "ok" or meta is None:
         return False
     return torch_precision is None or bool(int8_wins(export.folder, str(meta.get("sha256")), torch_precision))
 
 
-def int8_without_torch(record: Any, model: str | None, pretrained: str | None, notify: Any = None,
-                       warn: Any = None, measured: bool = True) -> Encoder | None:
-    """The index's model for a run that int8 serves, opened without torch: its int8 image tower, with its ONNX
-    export for everything else. None when that does not apply (no export, no checked tower, or with
-    `measured` (auto) no measurement saying int8 is faster here): the caller loads the model on torch.
-
-    `record` is the Store (recorded.ModelRecord); the request was already checked against its record."""
-    from retrieval.model.onnx_quant import Int8ImageEncoder
-    from retrieval.model.recorded import cached_export_of, requested_spec
-    from retrieval.model.spec import Fingerprint, resolve_precision
-    from retrieval.model.weights import file_sha256
-
-    fp: Fingerprint | None = record.fingerprint
-    if fp is None:
-        spec, _ = requested_spec(record, model, pretrained)
-        found = cached_export_of(spec.name, spec.pretrained)
-        if found is None:
-            return None
-        fp = found[0]
-        weights = f"sha256:{file_sha256(fp.pretrained)}" if spec.pretrained_is_file() else spec.pretrained
-        config = f"sha256:{spec.config.sha256}" if spec.config is not None else ""
-        if (fp.weights, fp.config) != (weights, config):
-            return None
-    export = OnnxEncoder.open(record.home, fp)
-    if export is None or not torchless_int8(export, resolve_precision("auto", "cpu", "index") if measured else None):
+def int8_status(home: str | Path, fp: Fingerprint) -> str | None:
+    """One line on the model's int8 image tower for `crossmodal info` (None: there is none)."""
+    export = model_export(home, fp)
+    if export is None:
         return None
-    enc = Int8ImageEncoder(export, record.home, notify, warn)
-    enc.prepare()
-    return enc
+    state, meta, why = inspect_int8(export.folder, fp, deep=False)
+    if state == "ok" and meta is not None:
+        c = meta["check"]
+        return (f"{int(meta['bytes']) / 1e6:.1f} MB, mean cosine {c['mean_cosine']:.4f} to fp32 on {c['photos']} "
+                f"photos; {speed_line(export.folder, str(meta.get('sha256')))}")
+    return {"none": None, "refused": why, "damaged": f"damaged ({why}); made again by the next int8 run"}[state]

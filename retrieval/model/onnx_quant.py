@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,7 @@ import numpy as np
 
 from retrieval.errors import ExportDamaged, Int8Refused
 from retrieval.fsutil import fsync_dir, fsync_tree, sha256_file
-from retrieval.hardware import cpu_flags, model_threads
-from retrieval.model.export_cache import unsupported_marker
+from retrieval.hardware import cpu_flags
 from retrieval.model.onnx_encoder import EXPORT_VERSION, IMAGE_FILE, TOKENS_OUT, OnnxEncoder
 from retrieval.model.protocol import Encoder, unit_rows
 from retrieval.model.spec import Fingerprint
@@ -285,175 +284,3 @@ def ensure_int8(encoder: Encoder, home: str | Path, pixels: np.ndarray, threads:
         raise Int8Refused(f"int8 image tower could not be made ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:160]})") from e
     return open_session(export.folder / INT8_FILE, threads), export
-
-
-class Int8ImageEncoder(Encoder):
-    """Images through the int8 tower on ONNX Runtime (made and checked on the first batch), texts and the rest
-    through `encoder` (torch, or the model's ONNX export), which also embeds the images, at its own precision,
-    when int8 is refused.
-
-    With `auto` (`--precision auto`, int8_auto.py) int8 is used only where it measured faster than `encoder`
-    on this CPU (measured on the first batch when it never was), and a refusal, or a first batch too small to
-    check a new tower, is one progress line (or none), not a warning: the run is at its default precision."""
-
-    device = "cpu"
-    backend = "onnx"
-
-    def __init__(self, encoder: Encoder, home: str | Path, notify: Notify | None = None,
-                 warn: Notify | None = None, auto: bool = False) -> None:
-        self.inner = encoder
-        self.home = Path(home)
-        self.say = notify or (lambda _msg: None)
-        self.warn = warn or self.say
-        self.auto = auto
-        self.fingerprint = encoder.fingerprint
-        self.dim = encoder.dim
-        self.preprocess = encoder.preprocess
-        self.precision = encoder.precision if auto else PRECISION  # auto: int8 once the first batch decides
-        self.refused: str | None = None
-        self._session: Any = None
-        self._threads = 0
-        self._export: OnnxEncoder | None = None
-
-    def prepare(self) -> None:
-        """Open a tower that is already made and checked now (a model loading in the background runs this
-        while the first photos decode); one still to make waits for the first batch, which checks it."""
-        if self._export is not None or self.refused is not None or self.auto:  # auto: the first batch times it
-            return
-        export = model_export(self.home, self.fingerprint)
-        if export is None or inspect_int8(export.folder, export.fingerprint, deep=False)[0] != "ok":
-            return
-        try:
-            self._session, self._export = ensure_int8(self.inner, self.home, np.zeros((0,)), model_threads(),
-                                                      self.say, self.warn)
-        except Int8Refused:
-            return  # said, and decided again, by the first batch
-        self._threads = model_threads()
-        self.precision = PRECISION
-
-    def _refuse(self, why: str, say: Notify | None) -> None:
-        self.refused = why
-        self.precision = self.inner.precision
-        if say is not None:
-            say(f"{why}; indexing at {self.precision} instead")
-
-    def _tower(self, pixels: np.ndarray, tokens: bool = False) -> tuple[Any, OnnxEncoder] | None:
-        """The int8 session (opened again when the run changes its thread budget), or None once refused."""
-        if self.refused is not None:
-            return None
-        threads = model_threads()
-        if self._export is None:
-            if self.auto and self._torch_known_faster():
-                return None
-            try:
-                session, export = ensure_int8(self.inner, self.home, pixels, threads, self.say, self.warn)
-            except Int8Refused as e:
-                quiet = self.auto and len(pixels) < MIN_CHECK_PHOTOS  # auto on a few photos: nothing to say
-                self._refuse(str(e), None if quiet else self.say if self.auto else self.warn)
-                return None
-            if self.auto and not self._faster(session, export, pixels, tokens):
-                return None
-            self._session, self._export, self.precision = session, export, PRECISION
-        elif threads != self._threads:
-            self._session = open_session(self._export.folder / INT8_FILE, threads)
-        self._threads = threads
-        return self._session, self._export
-
-    def _torch_known_faster(self) -> bool:
-        """auto: the tower cannot be had (the model cannot be exported: said before) or is recorded slower than
-        the inner model here; then it is not even opened."""
-        from retrieval.model.int8_auto import int8_wins
-
-        if unsupported_marker(self.fingerprint).is_file():
-            self._refuse("this model cannot be exported to ONNX", None)
-            return True
-        export = model_export(self.home, self.fingerprint)
-        if export is None:
-            return False
-        state, meta, _ = inspect_int8(export.folder, export.fingerprint, deep=False)
-        if state == "ok" and meta is not None and int8_wins(export.folder, str(meta.get("sha256")),
-                                                            self.inner.precision) is False:
-            self._refuse(f"torch {self.inner.precision} is faster here than the int8 tower", None)
-            return True
-        return False
-
-    def _faster(self, session: Any, export: OnnxEncoder, pixels: np.ndarray, tokens: bool) -> bool:
-        """auto: whether int8 beats the inner model here, as recorded, or measured now on `pixels`."""
-        from retrieval.hardware import cpu_kind
-        from retrieval.model.int8_auto import MIN_GAIN, int8_wins, measure, record_speed, speed_key
-
-        meta = inspect_int8(export.folder, export.fingerprint, deep=False)[1] or {}
-        sha, torch_precision = str(meta.get("sha256")), self.inner.precision
-        wins = int8_wins(export.folder, sha, torch_precision)
-        if wins is None:
-            if len(pixels) < MIN_CHECK_PHOTOS:
-                self._refuse("too few photos to time the int8 tower", None)
-                return False
-            names = ["embedding", TOKENS_OUT] if tokens else ["embedding"]
-            entry = measure(self.inner, lambda p: session.run(names, {"pixels": export.pixels_to_array(p)}),
-                            pixels, tokens)
-            try:
-                record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
-            except OSError as e:  # a read-only cache: this run follows the measurement, the next measures again
-                self.warn(f"cannot record the int8 tower's speed in {export.folder} ({e.strerror or e})")
-            wins = entry["int8_img_s"] >= MIN_GAIN * entry["torch_img_s"]
-            self.say(f"int8 image tower {entry['int8_img_s']:.1f} img/s, torch {torch_precision} "
-                     f"{entry['torch_img_s']:.1f} img/s on this CPU ({cpu_kind()}): images in "
-                     f"{PRECISION if wins else torch_precision} (measured once per model)")
-        if not wins:
-            self._refuse(f"torch {torch_precision} is faster here than the int8 tower", None)
-            return False
-        return True
-
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        tower = self._tower(pixels)
-        if tower is None:
-            return self.inner.encode_pixels(pixels)
-        session, export = tower
-        return unit_rows(session.run(["embedding"], {"pixels": export.pixels_to_array(pixels)})[0])
-
-    def encode_pixels_with_tokens(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ONE vision pass: (unit vectors, token features), as the fp32 graph gives them."""
-        tower = self._tower(pixels, tokens=True)
-        if tower is None:
-            return self.inner.encode_pixels_with_tokens(pixels)
-        session, export = tower
-        export.check_tokens()
-        pooled, feats = session.run(["embedding", TOKENS_OUT], {"pixels": export.pixels_to_array(pixels)})
-        return unit_rows(pooled), np.asarray(feats, dtype=np.float32)
-
-    def __getattr__(self, name: str) -> Any:
-        """What only the torch encoder has (its model and tokenizer, which the ONNX exporter reads)."""
-        if name == "inner":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        return self.inner.encode_texts(texts, batch_size)
-
-    def encode_texts_with_tokens(self, texts: Sequence[str], batch_size: int = 64
-                                 ) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.inner.encode_texts_with_tokens(texts, batch_size)
-
-    def check_tokens(self) -> None:
-        self.inner.check_tokens()
-
-    def zero_shot_metadata(self) -> tuple[list[str], list[str]]:
-        return self.inner.zero_shot_metadata()
-
-
-def int8_status(home: str | Path, fp: Fingerprint) -> str | None:
-    """One line on the model's int8 image tower for `crossmodal info` (None: there is none)."""
-    export = model_export(home, fp)
-    if export is None:
-        return None
-    state, meta, why = inspect_int8(export.folder, fp, deep=False)
-    if state == "ok" and meta is not None:
-        from retrieval.model.int8_auto import speed_line
-
-        c = meta["check"]
-        return (f"{int(meta['bytes']) / 1e6:.1f} MB, mean cosine {c['mean_cosine']:.4f} to fp32 on {c['photos']} "
-                f"photos; {speed_line(export.folder, str(meta.get('sha256')))}")
-    return {"none": None, "refused": why, "damaged": f"damaged ({why}); made again by the next int8 run"}[state]

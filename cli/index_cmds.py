@@ -103,6 +103,7 @@ def index(
       crossmodal index /archive --ray auto --actors 2          (Ray Data on this machine; a killed run resumes)
     """
     from indexer.pipeline import index_paths
+    from retrieval.model.int8_auto import auto_int8_allowed
     from retrieval.model.recorded import ModelOnDemand, requested_spec
     from retrieval.query.tuning import vocabulary_queries
     from retrieval.store import Store
@@ -111,6 +112,7 @@ def index(
         if not p.expanduser().exists():
             raise UserError(f"no such file or folder: {p}")
     check_int8(precision, device)
+    auto_int8_allowed()  # a bad CROSSMODAL_INT8 is one line before anything is opened
     if ray is not None:
         check_ray(precision, gpu_decode, workers)
 

@@ -184,6 +184,11 @@ def test_new_home_indexes_in_int8_without_torch(made: dict[str, Any], quant_env:
     said, imports = _index(home, later, checkpoint, env=env)
     assert not _imported(imports, "torch") and "warning" not in said, said
 
+    bad = run_cli("index", str(photos["root"]), home=tmp_path / "bad-setting", env={**env, INT8_ENV: "maybe"})
+    assert bad.returncode == 2 and bad.stderr.strip() == ("crossmodal: error: CROSSMODAL_INT8 must be 'auto' or "
+                                                          "'off', not 'maybe'"), bad.stderr
+    assert not (tmp_path / "bad-setting").exists()  # refused before the home is made
+
     _speed(export.folder, torch_precision, 10.0, 30.0)  # torch measured faster
     for name, extra in (("slower", {}), ("off", {INT8_ENV: "off"})):
         if name == "off":

@@ -74,16 +74,22 @@ def record_speed(folder: Path, key: str, entry: dict[str, Any]) -> None:
         raise
 
 
-def int8_wins(folder: Path, tower_sha: str, torch_precision: str) -> bool | None:
-    """Whether the tower with sha256 `tower_sha` ran at least MIN_GAIN times torch at `torch_precision` on
-    this CPU kind; None when that was never measured (or was measured on another tower)."""
+def measured(folder: Path, tower_sha: str, torch_precision: str) -> tuple[float, float] | None:
+    """(int8, torch) images/s measured here for the tower with sha256 `tower_sha` against torch at
+    `torch_precision` on this CPU kind; None when never measured (or measured on another tower)."""
     entry = read_speeds(folder).get(speed_key(torch_precision))
     if not isinstance(entry, dict) or entry.get("int8_sha256") != tower_sha:
         return None
     try:
-        return float(entry["int8_img_s"]) >= MIN_GAIN * float(entry["torch_img_s"])
+        return float(entry["int8_img_s"]), float(entry["torch_img_s"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def int8_wins(folder: Path, tower_sha: str, torch_precision: str) -> bool | None:
+    """Whether the tower ran at least MIN_GAIN times torch here (`measured`); None when that is not known."""
+    got = measured(folder, tower_sha, torch_precision)
+    return None if got is None else got[0] >= MIN_GAIN * got[1]
 
 
 def speed_line(folder: Path, tower_sha: str) -> str:
@@ -91,12 +97,11 @@ def speed_line(folder: Path, tower_sha: str) -> str:
     from retrieval.model.spec import resolve_precision
 
     torch_precision = resolve_precision("auto", "cpu", "index")
-    entry = read_speeds(folder).get(speed_key(torch_precision))
-    if int8_wins(folder, tower_sha, torch_precision) is None or not isinstance(entry, dict):
+    got = measured(folder, tower_sha, torch_precision)
+    if got is None:
         return f"auto: not yet timed against torch {torch_precision} on this CPU ({cpu_kind()})"
-    wins = bool(int8_wins(folder, tower_sha, torch_precision))
-    return (f"auto: {'uses it' if wins else f'torch {torch_precision}'} here ({entry['int8_img_s']:.1f} vs "
-            f"{entry['torch_img_s']:.1f} img/s in torch {torch_precision}, {cpu_kind()})")
+    use = "uses it" if got[0] >= MIN_GAIN * got[1] else f"torch {torch_precision}"
+    return f"auto: {use} here ({got[0]:.1f} vs {got[1]:.1f} img/s in torch {torch_precision}, {cpu_kind()})"
 
 
 def _rate(run: Any, pixels: np.ndarray) -> float:

@@ -65,14 +65,11 @@ class Int8ImageEncoder(Encoder):
         while the first photos decode); one still to make waits for the first batch, which checks it."""
         if self._export is not None or self.refused is not None or self.auto:  # auto: the first batch times it
             return
-        export = model_export(self.home, self.fingerprint)
-        if export is None or inspect_int8(export.folder, export.fingerprint, deep=False)[0] != "ok":
-            return
-        try:
+        try:  # no photos: a tower that is not ready is refused here, and made by the first batch
             self._session, self._export = ensure_int8(self.inner, self.home, np.zeros((0,)), model_threads(),
                                                       self.say, self.warn)
         except Int8Refused:
-            return  # said, and decided again, by the first batch
+            return
         self._threads = model_threads()
         self.precision = PRECISION
 
@@ -88,7 +85,8 @@ class Int8ImageEncoder(Encoder):
             return None
         threads = model_threads()
         if self._export is None:
-            if self.auto and self._torch_known_faster():
+            verdict = self._recorded() if self.auto else True
+            if verdict is False:  # torch is faster here, or there can be no tower: it is not even opened
                 return None
             try:
                 session, export = ensure_int8(self.inner, self.home, pixels, threads, self.say, self.warn)
@@ -96,7 +94,7 @@ class Int8ImageEncoder(Encoder):
                 quiet = self.auto and len(pixels) < MIN_CHECK_PHOTOS  # auto on a few photos: nothing to say
                 self._refuse(str(e), None if quiet else self.say if self.auto else self.warn)
                 return None
-            if self.auto and not self._faster(session, export, pixels, tokens):
+            if verdict is None and not self._faster(session, export, pixels, tokens):
                 return None
             self._session, self._export, self.precision = session, export, PRECISION
         elif threads != self._threads:
@@ -104,47 +102,44 @@ class Int8ImageEncoder(Encoder):
         self._threads = threads
         return self._session, self._export
 
-    def _torch_known_faster(self) -> bool:
-        """auto: the tower cannot be had (the model cannot be exported: said before) or is recorded slower than
-        the inner model here; then it is not even opened."""
-
+    def _recorded(self) -> bool | None:
+        """auto: whether int8 is recorded faster than the inner model here (None: not measured yet). False
+        also when there can be no tower (the model cannot be exported: said before)."""
         if unsupported_marker(self.fingerprint).is_file():
             self._refuse("this model cannot be exported to ONNX", None)
-            return True
+            return False
         export = model_export(self.home, self.fingerprint)
         if export is None:
-            return False
+            return None
         state, meta, _ = inspect_int8(export.folder, export.fingerprint, deep=False)
-        if state == "ok" and meta is not None and int8_wins(export.folder, str(meta.get("sha256")),
-                                                            self.inner.precision) is False:
+        if state != "ok" or meta is None:
+            return None
+        wins = int8_wins(export.folder, str(meta.get("sha256")), self.inner.precision)
+        if wins is False:
             self._refuse(f"torch {self.inner.precision} is faster here than the int8 tower", None)
-            return True
-        return False
+        return wins
 
     def _faster(self, session: Any, export: OnnxEncoder, pixels: np.ndarray, tokens: bool) -> bool:
-        """auto: whether int8 beats the inner model here, as recorded, or measured now on `pixels`."""
+        """auto, never measured here: time the tower against the inner model on `pixels`, record, decide."""
+        if len(pixels) < MIN_CHECK_PHOTOS:
+            self._refuse("too few photos to time the int8 tower", None)
+            return False
         meta = inspect_int8(export.folder, export.fingerprint, deep=False)[1] or {}
         sha, torch_precision = str(meta.get("sha256")), self.inner.precision
-        wins = int8_wins(export.folder, sha, torch_precision)
-        if wins is None:
-            if len(pixels) < MIN_CHECK_PHOTOS:
-                self._refuse("too few photos to time the int8 tower", None)
-                return False
-            names = ["embedding", TOKENS_OUT] if tokens else ["embedding"]
-            entry = int8_auto.measure(self.inner, lambda p: session.run(names, {"pixels": export.pixels_to_array(p)}),
-                                      pixels, tokens)
-            try:
-                int8_auto.record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
-            except OSError as e:  # a read-only cache: this run follows the measurement, the next measures again
-                self.warn(f"cannot record the int8 tower's speed in {export.folder} ({e.strerror or e})")
-            wins = entry["int8_img_s"] >= MIN_GAIN * entry["torch_img_s"]
-            self.say(f"int8 image tower {entry['int8_img_s']:.1f} img/s, torch {torch_precision} "
-                     f"{entry['torch_img_s']:.1f} img/s on this CPU ({cpu_kind()}): images in "
-                     f"{PRECISION if wins else torch_precision} (measured once per model)")
+        names = ["embedding", TOKENS_OUT] if tokens else ["embedding"]
+        entry = int8_auto.measure(self.inner, lambda p: session.run(names, {"pixels": export.pixels_to_array(p)}),
+                                  pixels, tokens)
+        try:
+            int8_auto.record_speed(export.folder, speed_key(torch_precision), {**entry, "int8_sha256": sha})
+        except OSError as e:  # a read-only cache: this run follows the measurement, the next measures again
+            self.warn(f"cannot record the int8 tower's speed in {export.folder} ({e.strerror or e})")
+        wins = bool(entry["int8_img_s"] >= MIN_GAIN * entry["torch_img_s"])
+        self.say(f"int8 image tower {entry['int8_img_s']:.1f} img/s, torch {torch_precision} "
+                 f"{entry['torch_img_s']:.1f} img/s on this CPU ({cpu_kind()}): images in "
+                 f"{PRECISION if wins else torch_precision} (measured once per model)")
         if not wins:
             self._refuse(f"torch {torch_precision} is faster here than the int8 tower", None)
-            return False
-        return True
+        return wins
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:

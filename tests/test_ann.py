@@ -281,8 +281,16 @@ PROBE = textwrap.dedent("""
         for line in open('/proc/self/status'):
             if line.startswith('RssAnon:'):
                 return int(line.split()[1]) * 1024
+    mode = sys.argv[2]
+    if mode == 'write':  # what any writer imports, whatever the store's size (SQLAlchemy)
+        import retrieval.store.schema, retrieval.store.writes
     before = anon()
-    st = Store.open(sys.argv[1], mmap=sys.argv[2] == 'map')
+    st = Store.open(sys.argv[1], mmap=None if mode == 'write' else mode == 'map', writable=mode == 'write')
+    if mode == 'write':  # a commit streams the store into its next generation: memory for a chunk only
+        from retrieval.store.records import ImageRecord
+        rows = [ImageRecord(path=f'/new/{i}.jpg', sha256=f'{i:064x}'.replace('0', 'f', 1), bytes=1, mtime=0.0,
+                            width=1, height=1) for i in range(8)]
+        st.add_images(rows, np.random.default_rng(1).normal(size=(8, 512)).astype('float32'))
     q = np.random.default_rng(0).normal(size=(4, 512)).astype('float32')
     _, ids = st.search('image', q, 5)
     print(json.dumps({'grew': anon() - before, 'ids': ids.tolist(), 'mapped': st.mapped['image']}))
@@ -298,7 +306,7 @@ def test_memory_mapped_open_keeps_vectors_out_of_ram(tmp_path: Path) -> None:
     make_store(tmp_path, x, dim=dim)
     size = max(p.stat().st_size for p in (tmp_path / "vectors").glob("image-*.faiss"))
     out = {}
-    for mode in ("map", "load"):
+    for mode in ("map", "load", "write"):
         r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), mode], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -307,14 +315,22 @@ def test_memory_mapped_open_keeps_vectors_out_of_ram(tmp_path: Path) -> None:
     assert out["map"]["ids"] == out["load"]["ids"]
     assert out["load"]["grew"] > 0.8 * size
     assert out["map"]["grew"] < 0.25 * size
+    # A writer maps the store too and commits without loading it (exact.py): it never held the collection.
+    assert out["write"]["mapped"] and out["write"]["grew"] < 0.25 * size
+    with Store.open(tmp_path) as st:
+        assert st.count("image") == n + 8
 
 
-def test_writers_never_map(tmp_path: Path) -> None:
-    make_store(tmp_path, clustered(100))
-    with Store.open(tmp_path, writable=True, mmap=True) as st:
-        assert st.mmap is False
-        st.add_images(records(100, 10), clustered(10, seed=4))  # adding to a mapped index would abort
-        assert st.count("image") == 110
+def test_writers_map_the_exact_store_and_commit_to_it(tmp_path: Path) -> None:
+    x = clustered(110)
+    make_store(tmp_path, x[:100])
+    with Store.open(tmp_path, writable=True) as st:
+        assert st.mapped["image"]  # mapped read-only: a commit writes the next generation, never this file
+        st.add_images(records(100, 10), x[100:])
+        st.remove_images([3, 50])
+        assert st.count("image") == 108
+        ids, held = st.vectors("image")
+        assert np.all(np.diff(ids) > 0) and np.allclose(held, np.delete(x, [2, 49], axis=0))
 
 
 # ---- the CLI --------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from retrieval.store.ann_choice import (
     family,
     hnsw_bytes,
     ivf_instead,
+    lists_bytes,
+    lists_on_disk,
     min_vectors,
     needs_rebuild,
     nlist_for,
@@ -54,7 +56,8 @@ from retrieval.store.ann_choice import (
 
 __all__ = ["TYPES", "FLAT", "FLAT_MAX", "HNSW_MAX", "MIN_TRAIN", "TARGET_RECALL", "DEAD_REBUILD", "REGROW",
            "HNSW_M", "AnnState", "parse_budget", "default_budget", "nlist_for", "pq_bytes", "sq8_bytes",
-           "hnsw_bytes", "family", "codes", "resolve", "check_factory", "check_buildable", "min_vectors",
+           "hnsw_bytes", "lists_bytes", "lists_on_disk", "family", "codes", "resolve", "check_factory",
+           "check_buildable", "min_vectors",
            "needs_rebuild", "auto_target", "ivf_instead", "CONFIDENCE_Z",
            "TUNE_QUERIES", "EF_LADDER", "REFINE_LADDER", "ADD_CHUNK", "build", "knob_of", "hnsw_quantizer",
            "search_params", "ann_search", "recall_rows", "recall_at", "recall_lower_bound", "tune"]
@@ -134,8 +137,11 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState,
 
 
 def _inner(index: Any) -> Any:
-    """The index inside an id map (or the index itself), as its concrete faiss class."""
+    """The index inside an id map (or the index itself; an on-disk split index's merged part), as its
+    concrete faiss class."""
     faiss = _faiss()
+    if hasattr(index, "base"):  # ann_disk.SplitIndex
+        index = index.base
     return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
 
 

@@ -49,6 +49,8 @@ class AnnState:
     query_ms: float | None = None  # mean single-query time at the tuned setting, measured while tuning
     recalls: dict[str, float] | None = None  # recall@10 per kind of query tuned for ("image", "text")
     fallback: str | None = None  # auto: the IVF kind built because HNSW missed the target for some queries
+    on_disk: bool = False  # IVF lists merged on disk and mapped, commits since in a delta (ann_disk.py)
+    delta: int = 0  # the delta file's generation (on_disk only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,7 +84,8 @@ class AnnState:
             recall += f" (best reached; below the {TARGET_RECALL} target)"
         why = (f" (auto: {self.fallback}, as HNSW missed the recall target)"
                if self.fallback and self.requested == "auto" else "")
-        return f"{self.factory}{knob}{refine}{recall}{why}"
+        disk = ", lists on disk (memory-mapped)" if self.on_disk else ""
+        return f"{self.factory}{knob}{refine}{disk}{recall}{why}"
 
 
 def parse_budget(text: str | None) -> int | None:
@@ -123,6 +126,20 @@ def pq_bytes(dim: int, n: int, budget: int) -> int:
 def sq8_bytes(dim: int, n: int) -> int:
     """IVF with 8-bit scalar codes: a byte per dimension and an id per vector."""
     return n * (dim + 8)
+
+
+def lists_bytes(factory: str, dim: int, n: int) -> int:
+    """An IVF index's inverted lists: codes and an 8-byte id per vector (SQ8: a byte per dimension, PQ<m>:
+    m bytes, Flat: the float32 vector)."""
+    code = codes(factory)
+    m = re.match(r"PQ(\d+)", code)
+    per = int(m.group(1)) if m else 4 * dim if code.startswith("FLAT") else dim
+    return n * (per + 8)
+
+
+def lists_on_disk(factory: str, n: int, dim: int, budget: int | None) -> bool:
+    """Whether an IVF index's lists go on disk (ann_disk.py): they would take over 80% of the budget."""
+    return family(factory) == "ivf" and lists_bytes(factory, dim, n) > (budget or default_budget()) * 0.8
 
 
 def hnsw_bytes(dim: int, n: int) -> int:

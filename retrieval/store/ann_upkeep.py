@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.errors import IndexMismatch, UserError
-from retrieval.store import ann
+from retrieval.store import ann, ann_disk
 from retrieval.store import vectors as vec
 from retrieval.store.records import QueryOptions
 
@@ -78,14 +78,19 @@ class AnnUpkeep:
             self.problem[modality] = f"ANN file {path.name} is missing"
             return
         try:
-            index = vec.read_index(path, mmap=should_map(path, True), ivf=ann.family(state.factory) == "ivf")
-        except IndexMismatch:
-            self.problem[modality] = f"ANN file {path.name} is unreadable"
+            if state.on_disk:
+                if not ann_disk.delta_path(path, state.delta).is_file() and not last_attempt:
+                    raise FileNotFoundError(ann_disk.delta_path(path, state.delta))
+                index: Any = ann_disk.open_split(path, state.delta)
+            else:
+                index = vec.read_index(path, mmap=should_map(path, True), ivf=ann.family(state.factory) == "ivf")
+        except (IndexMismatch, RuntimeError):  # RuntimeError: faiss cannot open the on-disk lists
+            self.problem[modality] = f"ANN file {path.name} (or its lists) is unreadable"
             return
         self.index[modality] = index
         if int(index.ntotal) == int(flat.ntotal):
             return  # the commit protocol keeps every live id in the ANN index: equal counts, no tombstones
-        held, live = vec.ids_of(index), vec.ids_of(flat)
+        held, live = ann_disk.held_ids(index), vec.ids_of(flat)
         missing = len(np.setdiff1d(live, held, assume_unique=True))
         if missing:
             self.index[modality] = None
@@ -120,9 +125,15 @@ class AnnUpkeep:
         if current is not None and state.active:
             dead = int(current.ntotal) + len(ids) - n  # every entry beyond the live count is a tombstone
         healthy = modality not in self.problem and (current is not None or not state.active)
-        if force or ann.needs_rebuild(state, target, n, dead, healthy):
+        disk = ann.lists_on_disk(target, n, dim, state.budget)
+        split = current if isinstance(current, ann_disk.SplitIndex) else None
+        regrown = split is not None and split.delta.ntotal + len(ids) > ann_disk.DELTA_REMERGE * split.base.ntotal
+        gen = max(state.gen, int(meta.get(f"annmax.{modality}", "0"))) + 1
+        rebuilt = force or ann.needs_rebuild(state, target, n, dead, healthy) or regrown or (
+            state.active and disk != state.on_disk)
+        if rebuilt:
             try:
-                new_index, state = self._build(modality, target, state, log)
+                new_index, state = self._build(modality, target, state, log, self.path(modality, gen) if disk else None)
             except (RuntimeError, ValueError, MemoryError) as e:  # faiss refuses: the commit still goes ahead
                 why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
                 self.problem[modality] = f"cannot build {target} ({why})"
@@ -134,14 +145,19 @@ class AnnUpkeep:
             new_index = current
         elif state.active:
             # Only deletions: the ANN file stays as it is; tombstones follow from the exact store.
-            self.dead[modality] = np.setdiff1d(vec.ids_of(current), vec.ids_of(flat), assume_unique=True)
+            self.dead[modality] = np.setdiff1d(ann_disk.held_ids(current), vec.ids_of(flat), assume_unique=True)
             return
         else:
             if meta.get(f"ann.{modality}") != state.to_json():
                 record(f"ann.{modality}", state.to_json())
             return
-        if new_index is not None:
-            gen = max(state.gen, int(meta.get(f"annmax.{modality}", "0"))) + 1
+        if isinstance(new_index, ann_disk.SplitIndex):  # the merged lists stay; the delta is written anew
+            if rebuilt:
+                state = replace(state, gen=gen, delta=0)
+                record(f"annmax.{modality}", str(gen))
+            state = replace(state, delta=state.delta + 1)
+            vec.write_atomic(new_index.delta, ann_disk.delta_path(self.path(modality, state.gen), state.delta))
+        elif new_index is not None:
             vec.write_atomic(new_index, self.path(modality, gen))
             state = replace(state, gen=gen)
             record(f"annmax.{modality}", str(gen))
@@ -150,20 +166,30 @@ class AnnUpkeep:
         self.state[modality] = state
         self.problem.pop(modality, None)
         self.dead[modality] = (np.zeros(0, np.int64) if new_index is None else
-                               np.setdiff1d(vec.ids_of(new_index), vec.ids_of(flat), assume_unique=True))
+                               np.setdiff1d(ann_disk.held_ids(new_index), vec.ids_of(flat), assume_unique=True))
 
-    def _build(self, modality: str, target: str, state: ann.AnnState, log: Log | None
+    def _build(self, modality: str, target: str, state: ann.AnnState, log: Log | None, disk: Path | None = None
                ) -> tuple[Any | None, ann.AnnState]:
-        """Build `target` from the stored vectors and tune its knob; Flat means no ANN index."""
+        """Build `target` from the stored vectors and tune its knob; Flat means no ANN index. With `disk`, an
+        IVF's lists are merged on disk there (ann_disk.py), built a shard at a time."""
         flat = self.flats[modality]
         n = int(flat.ntotal)
         auto = state.requested.strip().lower() == "auto"
         base = replace(state, factory=target, gen=0, built_n=n, param=None, value=None, refine=1,
-                       recall=None, query_ms=None, fallback=state.fallback if auto else None)
+                       recall=None, query_ms=None, fallback=state.fallback if auto else None, on_disk=False, delta=0)
         if target == ann.FLAT:
             return None, base
         ids, vectors = vec.vectors_of(flat)
         cross = self._cross(modality)
+        if disk is not None:
+            rows = ann_disk.shard_rows(ann.lists_bytes(target, int(vectors.shape[1]), 1),
+                                       state.budget or ann.default_budget())
+            split, tuned = ann_disk.build(target, ids, vectors, base, disk, rows,
+                                          lambda q, k: flat.search(q, min(k, n)), flat.reconstruct_batch,
+                                          log=log, kind=modality, cross=cross)
+            if log:
+                log(f"{modality}: built {target} over {n} vectors: {tuned.describe()}")
+            return split, tuned
 
         def build(factory: str, start: ann.AnnState) -> tuple[Any, ann.AnnState]:
             index, tuned = ann.build(factory, ids, vectors, start, lambda q, k: flat.search(q, min(k, n)),
@@ -236,19 +262,28 @@ class AnnUpkeep:
         return out
 
     def cleanup(self, modality: str) -> None:
-        """Drop ANN files other than the current one and the one before it (readers may hold it)."""
-        current = self.state_of(modality).gen
-        pattern = re.compile(rf"^{modality}-ann-(\d+)\.faiss(\.tmp)?$")
+        """Drop ANN files other than the current one and the one before it (readers may hold it): the
+        index file, its on-disk lists and delta (ann_disk.py), shards left by a build, temp files."""
+        state = self.state_of(modality)
+        current = state.gen
+        pattern = re.compile(rf"^{modality}-ann-(\d+)(?:\.delta-(\d+)|(\.part-\d+))?\.faiss(\.ivfdata)?(\.tmp)?$")
         files = []
         for p in self.folder.glob(f"{modality}-ann-*.faiss*"):
             m = pattern.match(p.name)
             if m:
-                files.append((int(m.group(1)), bool(m.group(2)), p))
-        older = sorted({g for g, tmp, _ in files if g < current and not tmp})
-        keep = {current} | ({older[-1]} if older else set())
-        for g, tmp, p in files:
-            if tmp or g not in keep:
+                delta = int(m.group(2)) if m.group(2) else None
+                files.append((int(m.group(1)), delta, bool(m.group(3) or m.group(5)), p))
+        older = sorted({g for g, d, junk, _ in files if g < current and not junk and d is None})
+        # The generation before is kept one commit longer; an on-disk index's commits write deltas (its
+        # delta 1 comes with the build), so from delta 2 on no reader can still be about to open the one before.
+        keep = {current} | ({older[-1]} if older and not (state.on_disk and state.delta >= 2) else set())
+        last_delta = {g: max((d for g2, d, junk, _ in files if g2 == g and d is not None and not junk), default=0)
+                      for g in keep}
+        for g, d, junk, p in files:
+            if junk or g not in keep:
                 p.unlink(missing_ok=True)
+            elif d is not None and (d < state.delta - 1 if g == current else d != last_delta[g]):
+                p.unlink(missing_ok=True)  # a reader holds at most the delta before the current one
 
     # ---- serving --------------------------------------------------------------------------------
     def plan(self, modality: str, opts: QueryOptions) -> tuple[str | None, int | None, int] | None:
@@ -279,7 +314,10 @@ class AnnUpkeep:
                                    "memory_mapped": mapped}
         if state.active:
             p = self.path(modality, state.gen)
-            info["ann_bytes"] = p.stat().st_size if p.is_file() else None
+            files = [p] + ([ann_disk.lists_path(p), ann_disk.delta_path(p, state.delta)] if state.on_disk else [])
+            info["ann_bytes"] = sum(f.stat().st_size for f in files) if all(f.is_file() for f in files) else None
+            if state.on_disk:
+                info["ann_lists_on_disk"] = str(ann_disk.lists_path(p))
         if modality in self.problem:
             info["problem"] = self.problem[modality] + "; exact search serves until `crossmodal reindex`"
         return info

@@ -2,7 +2,7 @@
 
 Why blocks and not one hash: a whole-file hash proves damage but cannot say where, and hashing a 20 GB
 memory-mapped store at every open would take seconds. Each file is cut into at most MAX_BLOCKS equal blocks
-with a CRC32 each, computed while faiss writes the file and recorded (`sums.<modality>`) by the same
+with a CRC32 each, computed while the file is written (exact.py) and recorded (`sums.<modality>`) by the same
 commit that names it. Opening checks the size and every block of a small file, or the first, the last and
 a few random blocks of a large one (milliseconds); `repair` checks every block, and the file's layout
 (`flat_layout`) says which vectors and ids a damaged block held, so only those are dropped.
@@ -15,11 +15,8 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from retrieval.fsutil import atomic_write_with
 
 MIN_BLOCK = 4 << 10  # a damaged block costs two 512-d vectors (files over 64 MB: size / MAX_BLOCKS)
 MAX_BLOCKS = 16384
@@ -60,7 +57,7 @@ def block_size(size: int) -> int:
     return max(MIN_BLOCK, -(-per // MIN_BLOCK) * MIN_BLOCK)
 
 
-class _Summer:
+class Summer:
     """CRC32 per block of a byte stream fed in arbitrary pieces."""
 
     def __init__(self, block: int) -> None:
@@ -70,7 +67,7 @@ class _Summer:
         self.fill = 0
         self.size = 0
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         self.size += len(view)
         while len(view):
@@ -84,27 +81,6 @@ class _Summer:
 
     def done(self) -> tuple[int, ...]:
         return tuple(self.crcs + ([self.crc] if self.fill else []))
-
-
-def write_summed(index: Any, path: Path, gen: int) -> FileSums:
-    """Write `index` atomically (temp, fsync, rename) and return the sums of exactly the bytes written."""
-    import faiss
-
-    d = int(index.d)
-    block = block_size(int(index.ntotal) * (4 * d + 8) + 4096)
-    summer = _Summer(block)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            def sink(data: bytes) -> int:
-                f.write(data)
-                summer.update(data)
-                return len(data)
-
-            faiss.write_index(index, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
-
-    atomic_write_with(path, write)
-    return FileSums(gen, summer.size, block, summer.done())
 
 
 def _bad_blocks(path: Path, sums: FileSums, blocks: list[int]) -> list[int]:

@@ -19,8 +19,11 @@ through the same `nprobe` knob and re-score factor.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,25 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """faiss's on-disk lists print their internals with C's printf ("resizing ...", "updating ondisk
+    filename"), on every open: silenced, so a command's JSON on stdout stays JSON and stderr says only
+    what a user needs."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def train(factory: str, sample: np.ndarray) -> Any:
@@ -100,7 +122,8 @@ def merge_on_disk(trained: Any, shard_paths: Sequence[Path], out: Path) -> Path:
     data = out.with_name(out.name + IVFDATA)
     tmp = data.with_name(data.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    merge_ondisk(index, [str(p) for p in shard_paths], str(tmp))
+    with _quiet_stdout():
+        merge_ondisk(index, [str(p) for p in shard_paths], str(tmp))
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     lists.filename = str(data)  # what the index file records (re-rooted on open: IO_FLAG_ONDISK_SAME_DIR)
     with open(tmp, "rb+") as f:
@@ -115,7 +138,8 @@ def open_merged(path: Path) -> Any:
     """A merged on-disk index, its lists memory-mapped from the `.ivfdata` beside it (wherever the folder
     was moved: the recorded file name is re-rooted to the index's folder). Read-only: never add to it."""
     faiss = _faiss()
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    with _quiet_stdout():
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
 
 
 class HalfVectors:

@@ -171,7 +171,7 @@ class StoreReads:
         try:
             stored: np.ndarray = index.reconstruct(int(item_id))
             return stored
-        except (RuntimeError, AttributeError) as e:
+        except (KeyError, AttributeError) as e:
             raise UserError(f"no {modality} with id {item_id} in the index") from e
 
     def search(self, modality: str, queries: np.ndarray, k: int,
@@ -195,21 +195,17 @@ class StoreReads:
                 param, value, refine = approx
                 return ann.ann_search(self._ann.index[modality], q, min(k, pool), param, value, refine,
                                       self._ann.dead[modality], index.reconstruct_batch)
-            found: tuple[np.ndarray, np.ndarray] = index.search(q, min(k, pool))
-            return found
-        import faiss
-
-        sel = faiss.IDSelectorBatch(np.ascontiguousarray(restrict, dtype=np.int64))
-        params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]  # faiss's Python kwargs, unseen by its stubs
-        restricted: tuple[np.ndarray, np.ndarray] = index.search(q, min(k, pool), params=params)
-        return restricted
+        found: tuple[np.ndarray, np.ndarray] = index.search(q, min(k, pool), restrict=restrict)
+        return found
 
     def size_on_disk(self) -> int:
         """Bytes used by the catalog (in the home, or in PostgreSQL) and the current vector files."""
         total = self.reader.catalog_bytes()
-        for p in [
-                self._vector_path(m, g) for m, g in self.generations.items() if g] + [
-                self._ann.path(m, st.gen) for m, st in self._ann.state.items() if st.active]:
+        for p in [self._vector_path(m, g) for m, g in self.generations.items() if g]:
             if p.is_file():
                 total += p.stat().st_size
+        for m, st in self._ann.state.items():
+            if st.active:
+                found = self._ann.info(m, False).get("ann_bytes")  # on-disk lists and delta too
+                total += found if isinstance(found, int) else 0
         return total

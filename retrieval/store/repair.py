@@ -19,7 +19,7 @@ import numpy as np
 
 from retrieval.errors import IndexMismatch
 from retrieval.model.spec import Fingerprint
-from retrieval.store import checksums
+from retrieval.store import checksums, exact
 from retrieval.store import vectors as vec
 from retrieval.store.ann_upkeep import AnnUpkeep
 from retrieval.store.reader import CatalogReader
@@ -111,9 +111,10 @@ class StoreRepair:
                 report.lost += writes.paths_of(s, no_vec.tolist())
                 writes.delete_ids(s, no_vec.tolist())
                 report.rows_dropped += len(no_vec)
-                report.vectors_dropped += vec.remove_ids(index, no_row)
+                report.vectors_dropped += len(no_row)
                 gen = max(self.generations.get(m, 0), int(self.meta.get(f"maxgen.{m}", "0"))) + 1
-                sums = checksums.write_summed(index, self._vector_path(m, gen), gen)
+                sums = exact.write_next(index, self._vector_path(m, gen), gen, np.zeros(0, np.int64),
+                                        np.zeros((0, index.d), np.float32), no_row)
                 for key, value in ((f"gen.{m}", str(gen)), (f"maxgen.{m}", str(gen)), (f"sums.{m}", sums.to_json())):
                     writes.put_meta(s, key, value)
                     self.meta[key] = value
@@ -129,10 +130,10 @@ class StoreRepair:
         self._load(check=True)
         return report
 
-    def _intact(self, modality: str, report: RepairReport) -> Any:
-        """The modality's exact index holding only entries whose bytes pass their checksums and whose
-        vectors are finite; replaces the loaded one when anything was dropped."""
-        index = self.indexes[modality]
+    def _intact(self, modality: str, report: RepairReport) -> exact.ExactVectors:
+        """The modality's exact store holding only entries whose bytes pass their checksums and whose
+        vectors are finite (in memory when anything was dropped: repair reads the whole file anyway)."""
+        index: exact.ExactVectors = self.indexes[modality]
         gen = self.generations.get(modality, 0)
         path = self._vector_path(modality, gen)
         if gen == 0:
@@ -142,15 +143,11 @@ class StoreRepair:
             return index
         d = int(index.d)
         flat = checksums.read_flat(path, d)
-        if flat is None:
-            if index.ntotal == 0:
-                report.notes.append(f"{path.name} is unreadable (not the size of a vector file): its vectors "
-                                    f"are lost and the rows they belonged to are dropped")
-                return index
-            ids, vectors = vec.vectors_of(index)  # faiss read it; its size is not ours to parse
-            at_vectors = at_ids = None
-        else:
-            ids, vectors, at_vectors, at_ids = flat
+        if flat is None:  # the store opened only files of the right layout: this one holds nothing usable
+            report.notes.append(f"{path.name} is unreadable (not the size of a vector file): its vectors "
+                                f"are lost and the rows they belonged to are dropped")
+            return exact.ExactVectors.empty(d)
+        ids, vectors, at_vectors, at_ids = flat
         bad = ~np.isfinite(vectors).all(axis=1) if len(vectors) else np.zeros(0, bool)
         non_finite = int(bad.sum())
         sums = checksums.FileSums.from_json(self.meta.get(f"sums.{modality}"))
@@ -161,19 +158,16 @@ class StoreRepair:
                 report.notes.append(f"{path.name} is not the size that was written: its checksums cannot "
                                     f"place damage, so only NaN/inf vectors are dropped")
             elif spans:
-                hit = (_rows_hit(spans, len(ids), d, at_vectors, at_ids)
-                       if at_vectors is not None and at_ids is not None else np.ones(len(ids), bool))
+                hit = _rows_hit(spans, len(ids), d, at_vectors, at_ids)
                 damaged = int((hit & ~bad).sum())
                 bad |= hit
         bad |= (ids < 0) | _repeated(ids)
         if not bad.any() and flat is not None and len(ids) == index.ntotal:
             return index
-        fresh = vec.new_index(d)
-        if (~bad).any():
-            fresh.add_with_ids(np.ascontiguousarray(vectors[~bad]), np.ascontiguousarray(ids[~bad]))
+        fresh = exact.ExactVectors(d, np.ascontiguousarray(ids[~bad]), np.ascontiguousarray(vectors[~bad]))
         self.indexes[modality] = fresh
         if int(index.ntotal) != len(ids):
-            report.notes.append(f"{path.name}: faiss cannot read it; {int((~bad).sum())} of {len(ids)} vectors "
+            report.notes.append(f"{path.name}: its header is damaged; {int((~bad).sum())} of {len(ids)} vectors "
                                 f"recovered from the file's layout")
         dropped = int(bad.sum())
         report.vectors_dropped += dropped

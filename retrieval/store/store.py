@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval.errors import IndexMismatch, IndexMissing, ModelMismatch
 from retrieval.model.spec import Fingerprint
-from retrieval.store import ann, checksums, guards
+from retrieval.store import checksums, exact, guards
 from retrieval.store import vectors as vec
 from retrieval.store.ann_upkeep import AnnUpkeep, Log, QuerySource
 from retrieval.store.location import CatalogLocation, resolve
@@ -68,7 +68,7 @@ class Store(StoreReads, StoreRepair):
         self.catalog = catalog or CatalogLocation(home)
         self.writable = writable
         self._lock = lock
-        self.mmap = False if writable else mmap  # None: map files larger than a quarter of free memory
+        self.mmap = mmap  # None: map (exact.py: the writer's memory does not grow with the store)
         self.mapped: dict[str, bool] = {}
         self.query_options = QueryOptions()
         self._engine: Engine | None = None
@@ -175,6 +175,8 @@ class Store(StoreReads, StoreRepair):
             self._reader = self.catalog.reader()
 
     def _should_map(self, path: Path, ann_serves: bool) -> bool:
+        """ANN files: map for readers when the ANN serves or the file is large (faiss cannot grow a mapped
+        index, so writers load theirs); the exact store is always mapped unless `mmap=False`."""
         if self.writable:
             return False
         if self.mmap is not None:
@@ -186,26 +188,26 @@ class Store(StoreReads, StoreRepair):
         gen = int(self.meta.get(f"gen.{modality}", "0"))
         self.generations[modality] = gen
         if gen == 0:
-            self.indexes[modality] = vec.new_index(self.fingerprint.dim) if self.fingerprint else None
+            self.indexes[modality] = exact.ExactVectors.empty(self.fingerprint.dim) if self.fingerprint else None
             return
         path = self._vector_path(modality, gen)
         if not path.is_file():
             if check:
                 raise FileNotFoundError(path)
-            self.indexes[modality] = vec.new_index(self._require_model().dim)  # repair: lost file, no vectors
+            self.indexes[modality] = exact.ExactVectors.empty(self._require_model().dim)  # repair: lost file
             return
         problem = checksums.problem_at_open(path, self._sums(modality, gen)) if check else None
         if problem:
             raise IndexMismatch(f"vector file {path} {problem}: it is damaged; run `crossmodal repair` (it drops "
                                 f"the damaged vectors), then `crossmodal index` to re-embed them")
         try:
-            ann_serves = ann.AnnState.from_json(self.meta.get(f"ann.{modality}")).active
-            self.mapped[modality] = self._should_map(path, ann_serves)
-            self.indexes[modality] = vec.read_index(path, mmap=self.mapped[modality])
+            self.mapped[modality] = self.mmap is not False
+            self.indexes[modality] = exact.ExactVectors.open(path, self._require_model().dim,
+                                                             mmap=self.mapped[modality])
         except IndexMismatch:
             if check:
                 raise
-            self.indexes[modality] = vec.new_index(self._require_model().dim)
+            self.indexes[modality] = exact.ExactVectors.empty(self._require_model().dim)
 
     def _sums(self, modality: str, gen: int) -> checksums.FileSums | None:
         sums = checksums.FileSums.from_json(self.meta.get(f"sums.{modality}"))
@@ -277,7 +279,7 @@ class Store(StoreReads, StoreRepair):
         self.meta["model"] = fp.to_json()
         for m in MODALITIES:
             if self.indexes.get(m) is None:
-                self.indexes[m] = vec.new_index(fp.dim)
+                self.indexes[m] = exact.ExactVectors.empty(fp.dim)
 
     def set_meta(self, key: str, value: str) -> None:
         """Record one small fact about the index (e.g. the reranker file) in the meta table."""
@@ -310,12 +312,11 @@ class Store(StoreReads, StoreRepair):
         try:
             with writes.transaction(self.engine) as s:
                 writes.delete_ids(s, remove.tolist())
-                ids = writes.insert(s, items)
-                vec.remove_ids(index, remove)
-                if len(ids):
-                    index.add_with_ids(vectors, ids)
-                sums = checksums.write_summed(index, self._vector_path(modality, new_gen), new_gen)  # before
-                writes.put_meta(s, f"sums.{modality}", sums.to_json())  # the catalog names it, with its sums
+                ids = np.asarray(writes.insert(s, items), dtype=np.int64)
+                path = self._vector_path(modality, new_gen)
+                sums = exact.write_next(index, path, new_gen, ids, vectors, remove)  # written before the
+                self.indexes[modality] = exact.ExactVectors.open(path, fp.dim)  # catalog names it, with its sums
+                writes.put_meta(s, f"sums.{modality}", sums.to_json())
                 self._ann.follow(s, modality, ids, vectors, self.meta, fp.dim)  # writes its file first too
                 writes.put_meta(s, f"gen.{modality}", str(new_gen))
                 writes.put_meta(s, f"maxgen.{modality}", str(new_gen))

@@ -53,13 +53,17 @@ def read_index(path: Path, mmap: bool = False, ivf: bool = False) -> Any:
 
 
 def ids_of(index: Any) -> np.ndarray:
-    """The ids held by an IndexIDMap2, as int64."""
+    """The ids held by an id-mapped faiss index or the exact store (exact.ExactVectors), as int64."""
+    if not hasattr(index, "id_map"):
+        return np.asarray(index.ids, dtype=np.int64)
     ids: np.ndarray = _faiss().vector_to_array(index.id_map).astype(np.int64)
     return ids
 
 
 def vectors_of(index: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 vectors) of every stored entry, in storage order."""
+    """(ids, float32 vectors) of every stored entry, in storage order (the exact store's stay mapped)."""
+    if not hasattr(index, "id_map"):
+        return np.asarray(index.ids, dtype=np.int64), index.vectors
     ids = ids_of(index)
     if len(ids) == 0:
         return ids, np.zeros((0, index.d), dtype=np.float32)

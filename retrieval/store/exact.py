@@ -1,0 +1,254 @@
+"""The exact store of one modality, read and written through the file's own layout, memory-mapped.
+
+Why not faiss's IndexIDMap2: loading it copies every float32 vector into process memory and builds a hash
+map of the ids, so a writer (and every reader of a store it loaded whole) needed RAM for the whole
+collection: 2 KB per 512-d vector, 20 GB at 10M. The file format stays faiss's (an IndexIDMap2 over an
+IndexFlatIP: header, n*d float32, n int64 ids), so older homes, `repair`, `salvage` and the checksums read
+it as before; here it is mapped read-only and never changed. A commit streams the kept rows of the current
+generation and the new rows into the next generation's file, in chunks (memory per commit: the chunk, not
+the collection), summing its blocks on the way (checksums.py), so the writer's memory no longer grows with
+the store. Ids are kept ascending (catalog ids only grow), so an id's row is a binary search in the mapped
+ids: no id map in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import IndexMismatch
+from retrieval.fsutil import atomic_write_with
+from retrieval.store.checksums import FileSums, Summer, block_size
+
+CHUNK_BYTES = 64 << 20  # rows streamed or scored per step: bounded memory at any size
+
+
+@functools.lru_cache(maxsize=16)
+def _template(d: int) -> tuple[bytes, tuple[int, ...]]:
+    """faiss's header of an empty IndexIDMap2(IndexFlatIP(d)), and where its vector-count fields sit
+    (found by comparing with a one-vector index, so no faiss constant is copied here)."""
+    import faiss
+
+    def ser(n: int) -> bytes:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        if n:
+            index.add_with_ids(np.zeros((n, d), np.float32), np.zeros(n, np.int64))
+        return bytes(faiss.serialize_index(index))
+
+    empty, one = ser(0), ser(1)
+    head = len(empty) - 16  # then the float count field and the id count field
+    fields = tuple(i for i in range(0, head - 7) if empty[i:i + 8] == bytes(8) and one[i:i + 8] == struct.pack("<q", 1))
+    return empty[:head], fields
+
+
+def header(d: int, n: int) -> bytes:
+    """The bytes before the vectors of a file holding n vectors: faiss's header and the float count."""
+    head, fields = _template(d)
+    out = bytearray(head)
+    for at in fields:
+        out[at:at + 8] = struct.pack("<q", n)
+    return bytes(out) + struct.pack("<q", n * d)
+
+
+def _rows(n: int, d: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * d)) if n else 1
+
+
+class ExactVectors:
+    """A modality's exact vectors: ids (ascending) and float32 rows, mapped from one generation's file.
+
+    Answers what the store asks of the exact store: `ntotal`, exact top-k `search` (optionally restricted
+    to some ids), `reconstruct` / `reconstruct_batch` by id, and the arrays themselves. Never written to."""
+
+    def __init__(self, d: int, ids: np.ndarray, vectors: np.ndarray, path: Path | None = None) -> None:
+        self.d = d
+        self.ids = ids
+        self.vectors = vectors
+        self.path = path
+
+    @classmethod
+    def empty(cls, d: int) -> ExactVectors:
+        return cls(d, np.zeros(0, np.int64), np.zeros((0, d), np.float32))
+
+    @classmethod
+    def open(cls, path: Path, d: int, mmap: bool = True) -> ExactVectors:
+        """Map (or with mmap=False, read) a generation's file; one that is not an exact store of width d
+        is an IndexMismatch the user can repair."""
+        size = path.stat().st_size
+        empty = len(header(d, 0)) + 8
+        n, rest = divmod(size - empty, 4 * d + 8)
+        with open(path, "rb") as f:
+            head = f.read(len(header(d, 0)))
+        if size < empty or rest or head != header(d, n):
+            raise IndexMismatch(f"vector file {path} is unreadable (not an exact store of {d}-d vectors); "
+                                f"run `crossmodal repair` to rebuild the index state")
+        at_vectors = len(head)
+        at_ids = at_vectors + 4 * d * n + 8
+        if n == 0:
+            return cls(d, np.zeros(0, np.int64), np.zeros((0, d), np.float32), path)
+        vectors: np.ndarray
+        ids: np.ndarray
+        if mmap:
+            vectors = np.memmap(path, dtype="<f4", mode="r", offset=at_vectors, shape=(n, d))
+            ids = np.memmap(path, dtype="<i8", mode="r", offset=at_ids, shape=(n,))
+        else:
+            vectors = np.fromfile(path, dtype="<f4", count=n * d, offset=at_vectors).reshape(n, d)
+            ids = np.fromfile(path, dtype="<i8", count=n, offset=at_ids)
+        return cls(d, ids, vectors, path)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.ids)
+
+    @functools.cached_property
+    def _order(self) -> np.ndarray | None:
+        """None when ids ascend (every file this module writes); else the sorting permutation (a file
+        written by an older version or by hand), held in memory."""
+        ids = self.ids
+        step = _rows(len(ids), 2)
+        ascending = all(bool(np.all(np.diff(np.asarray(ids[a:min(a + step + 1, len(ids))])) > 0))
+                        for a in range(0, max(len(ids) - 1, 0), step))
+        return None if ascending else np.argsort(np.asarray(ids), kind="stable")
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found): the row of each id, and which ids the store holds at all."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.ntotal == 0:
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        order = self._order
+        sorted_ids = self.ids if order is None else np.asarray(self.ids)[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), self.ntotal - 1)
+        found = np.asarray(sorted_ids[pos]) == ids
+        rows = pos if order is None else order[pos]
+        return rows.astype(np.int64), found
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (KeyError for one the store does not hold)."""
+        rows, found = self.rows_of(ids)
+        if not found.all():  # (as faiss's reconstruct, which raises for an unknown id)
+            raise KeyError(f"id {int(np.asarray(ids).reshape(-1)[~found][0])} is not in the exact store")
+        if not len(rows):
+            return np.zeros((0, self.d), np.float32)
+        order = np.argsort(rows, kind="stable")  # mapped rows are read in file order
+        out = np.empty((len(rows), self.d), np.float32)
+        out[order] = self.vectors[rows[order]]
+        return out
+
+    def reconstruct(self, item_id: int) -> np.ndarray:
+        row: np.ndarray = self.reconstruct_batch(np.asarray([item_id]))[0]
+        return row
+
+    def search(self, queries: np.ndarray, k: int, restrict: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner-product top-k over every row (or the rows of `restrict`'s ids), a chunk at a time with
+        faiss's own flat kernels (as IndexFlatIP scores): (scores, ids), each (n_queries, k), padded with
+        -inf / -1."""
+        import faiss
+
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.d)
+        k = max(int(k), 0)
+        best_s = np.full((len(q), k), -np.inf, np.float32)
+        best_r = np.full((len(q), k), -1, np.int64)
+        if restrict is not None:
+            rows, found = self.rows_of(np.unique(np.asarray(restrict, dtype=np.int64)))
+            picked = np.sort(rows[found])
+            candidates: np.ndarray | None = picked
+            total = len(picked)
+        else:
+            candidates, total = None, self.ntotal
+        step = _rows(total, self.d)
+        for a in range(0, total if k else 0, step):
+            b = min(a + step, total)
+            block = self.vectors[a:b] if candidates is None else self.vectors[candidates[a:b]]
+            scores, found_rows = faiss.knn(q, block, min(k, b - a), metric=faiss.METRIC_INNER_PRODUCT)
+            rows = found_rows + a if candidates is None else candidates[a:b][found_rows]
+            best_s, best_r = _merge_top(best_s, best_r, scores, rows, k)
+        ids = np.full(best_r.shape, -1, np.int64)
+        hit = best_r >= 0
+        ids[hit] = np.asarray(self.ids)[best_r[hit]]
+        return best_s, ids
+
+
+def _merge_top(best_s: np.ndarray, best_r: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k best of (best so far, a chunk's top-k) per query; equal scores keep the earlier chunk."""
+    if best_s.shape[1] == 0 or not np.isfinite(best_s).any():
+        out_s = np.full(best_s.shape, -np.inf, np.float32)
+        out_r = np.full(best_r.shape, -1, np.int64)
+        out_s[:, :scores.shape[1]], out_r[:, :scores.shape[1]] = scores, rows
+        return out_s, out_r
+    all_s = np.concatenate([best_s, scores], axis=1)
+    all_r = np.concatenate([best_r, rows], axis=1)
+    order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_r, order, axis=1)
+
+
+def write_next(current: ExactVectors, path: Path, gen: int, add_ids: np.ndarray, add_vectors: np.ndarray,
+               remove: np.ndarray) -> FileSums:
+    """Write the next generation: `current`'s rows without the ids in `remove`, then the new rows, streamed
+    in chunks into `path` (temp file, fsync, rename), summed block by block as written. Returns the sums."""
+    d = current.d
+    add_ids = np.asarray(add_ids, dtype=np.int64).reshape(-1)
+    add_vectors = np.ascontiguousarray(add_vectors, dtype=np.float32).reshape(-1, d)
+    keep = np.ones(current.ntotal, bool)
+    if len(remove) and current.ntotal:
+        rows, found = current.rows_of(np.asarray(remove, dtype=np.int64))
+        keep[rows[found]] = False
+    kept = int(keep.sum())
+    n = kept + len(add_ids)
+    last = int(np.asarray(current.ids[-1])) if current.ntotal and current._order is None else None
+    ascending = (current._order is None and bool(np.all(np.diff(add_ids) > 0))
+                 and (last is None or not len(add_ids) or int(add_ids[0]) > last))
+    pieces = _sorted_pieces(current, keep, add_ids, add_vectors) if not ascending else None
+    head = header(d, n)
+    summer = Summer(block_size(len(head) + n * (4 * d + 8) + 8))
+    step = _rows(current.ntotal, d)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            def put(data: bytes | np.ndarray) -> None:
+                if isinstance(data, np.ndarray):
+                    if not data.size:
+                        return
+                    data = np.ascontiguousarray(data)
+                view = memoryview(data).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+                f.write(view)
+                summer.update(view)
+
+            put(head)
+            if pieces is not None:
+                put(pieces[1].astype("<f4", copy=False))
+                put(struct.pack("<q", n))
+                put(pieces[0].astype("<i8", copy=False))
+                return
+            for a in range(0, current.ntotal, step):
+                part, kept_here = np.asarray(current.vectors[a:a + step], dtype="<f4"), keep[a:a + step]
+                put(part if kept_here.all() else part[kept_here])  # straight from the mapped file
+            put(add_vectors.astype("<f4", copy=False))
+            put(struct.pack("<q", n))
+            for a in range(0, current.ntotal, step):
+                put(np.asarray(current.ids[a:a + step], dtype="<i8")[keep[a:a + step]])
+            put(add_ids.astype("<i8", copy=False))
+
+    atomic_write_with(path, write)
+    return FileSums(gen, summer.size, summer.block, summer.done())
+
+
+def _sorted_pieces(current: ExactVectors, keep: np.ndarray, add_ids: np.ndarray, add_vectors: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of kept and new rows sorted by id, in memory: only for a store whose ids do not ascend
+    (an older file) or a commit whose ids come before stored ones; the next generation ascends again."""
+    ids = np.concatenate([np.asarray(current.ids)[keep], add_ids])
+    vectors = np.concatenate([np.asarray(current.vectors)[keep], add_vectors])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.ascontiguousarray(vectors[order])
+
+
+def write_all(path: Path, gen: int, ids: np.ndarray, vectors: np.ndarray) -> FileSums:
+    """A generation holding exactly these (id, vector) pairs (repair's rewrite of what survived)."""
+    d = int(vectors.shape[1])
+    return write_next(ExactVectors.empty(d), path, gen, ids, vectors, np.zeros(0, np.int64))
+

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.scan import FileEntry, plan, scan
-from retrieval.config import COMMIT_EVERY, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
+from retrieval.config import COMMIT_EVERY, COMMIT_MAX_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from retrieval.fsutil import sha256_file
 from retrieval.hardware import set_model_threads, usable_cores
 from retrieval.media.thumbnails import prune_thumbs
@@ -78,7 +78,8 @@ def _share_cores(device: str, workers: int) -> None:
 
 
 class _Committer:
-    """Buffers encoded images and commits them in chunks that grow with the index (amortised O(n) I/O)."""
+    """Buffers encoded images and commits them in chunks that grow with the index (fewer commits, fewer ANN
+    file rewrites), up to COMMIT_MAX_BYTES of vectors: the buffer never holds a large part of a big index."""
 
     def __init__(self, store: Store, commit_every: int = COMMIT_EVERY,
                  before_flush: Callable[[], None] | None = None) -> None:
@@ -97,7 +98,8 @@ class _Committer:
         self.replace += [r for r in replace if r is not None]
         self.updated += sum(r is not None for r in replace)
         self.added += sum(r is None for r in replace)
-        if len(self.records) >= max(self.commit_every, self.store.count("image") // 4):
+        cap = COMMIT_MAX_BYTES // max(1, vectors.shape[1] * 4) if vectors.ndim == 2 else self.commit_every
+        if len(self.records) >= max(self.commit_every, min(self.store.count("image") // 4, cap)):
             self.flush()
 
     def flush(self) -> None:

@@ -13,6 +13,9 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_CUDA_BATCH_SIZE = 512
 DEFAULT_WEIGHT = 0.5
 COMMIT_EVERY = 512
+# A commit's buffered vectors stay below this: commits cost their own size (segments, store/exact_segments.py),
+# so a collection beyond RAM is committed in bounded chunks instead of a quarter of the index at a time.
+COMMIT_MAX_BYTES = 256 << 20
 # Decompression-bomb guard: images above this many pixels are refused before a full decode.
 MAX_IMAGE_PIXELS = 200_000_000
 RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"})

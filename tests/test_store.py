@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sqlalchemy import text
@@ -55,11 +57,54 @@ def test_ids_never_reused_and_replace(tmp_path):
 
 
 def test_only_current_and_previous_generation_files_kept(tmp_path):
+    """The segments the catalog names, and those the commit before named (readers may hold them): no more."""
     with _new(tmp_path) as s:
-        for i in range(4):
+        before: list[str] = []
+        for i in range(6):
             s.add_images(_records(1, i), _unit(1, i))
-        files = sorted(p.name for p in (tmp_path / "vectors").iterdir())
-    assert files == ["image-3.faiss", "image-4.faiss"]
+            named = [f"image-{g}.faiss" for g in json.loads(s.meta["segs.image"])]
+            files = sorted(p.name for p in (tmp_path / "vectors").iterdir())
+            assert files == sorted(set(named) | set(before))
+            before = named
+        # Six commits of one: segments merge like a binary counter (6 = 4 + 2), not one file rewritten each time.
+        assert [seg.ntotal for seg in s.indexes["image"].segments] == [4, 2]
+
+
+def test_segments_commit_their_own_size_and_deletions_rewrite_only_their_segment(tmp_path):
+    x = _unit(40, 3)
+    with _new(tmp_path) as s:
+        ids = s.add_images(_records(32), x[:32])  # one segment of 32
+        more = s.add_images(_records(8, 32), x[32:])  # 8 < 32 / 2: a segment of its own, the first untouched
+        first = s.indexes["image"].segments[0].path
+        assert [seg.ntotal for seg in s.indexes["image"].segments] == [32, 8]
+        s.remove_images([more[0]])  # only the small segment is rewritten
+        assert s.indexes["image"].segments[0].path == first
+        assert [seg.ntotal for seg in s.indexes["image"].segments] == [32, 7]
+        s.remove_images(more[1:])  # emptied: dropped
+        assert [seg.ntotal for seg in s.indexes["image"].segments] == [32]
+        s.remove_images([ids[5]])
+        assert [seg.ntotal for seg in s.indexes["image"].segments] == [31]
+    with Store.open(tmp_path) as s:
+        got, vecs = s.vectors("image")
+        assert got.tolist() == [i for i in ids if i != ids[5]] and np.allclose(vecs, np.delete(x[:32], 5, axis=0))
+        assert s.vector("image", ids[7]).tolist() == x[7].tolist()
+
+
+def test_a_schema_4_catalog_names_its_one_file_as_a_segment(tmp_path):
+    from sqlalchemy import create_engine
+
+    with _new(tmp_path) as s:
+        s.add_images(_records(5), _unit(5))
+        gen = s.generations["image"]
+        sums = s.meta[f"sums.image.{gen}"]
+    with create_engine(f"sqlite:///{tmp_path / 'catalog.sqlite'}").begin() as c:  # as schema 4 wrote it
+        c.execute(text("DELETE FROM meta WHERE key LIKE 'segs.%' OR key LIKE 'sums.%'"))
+        c.execute(text("INSERT INTO meta (key, value) VALUES ('sums.image', :v)"), {"v": sums})
+        c.execute(text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
+    with Store.open(tmp_path) as s:  # a reader migrates (schema 5), and the file's checksums still apply
+        assert s.count("image") == 5
+        assert json.loads(s.meta["segs.image"]) == [gen] and s.meta[f"sums.image.{gen}"] == sums
+        assert "sums.image" not in s.meta
 
 
 def test_crash_before_catalog_commit_leaves_old_state(tmp_path, monkeypatch):

@@ -186,26 +186,37 @@ def _merge_top(best_s: np.ndarray, best_r: np.ndarray, scores: np.ndarray, rows:
     return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_r, order, axis=1)
 
 
-def write_next(current: ExactVectors, path: Path, gen: int, add_ids: np.ndarray, add_vectors: np.ndarray,
-               remove: np.ndarray) -> FileSums:
-    """Write the next generation: `current`'s rows without the ids in `remove`, then the new rows, streamed
-    in chunks into `path` (temp file, fsync, rename), summed block by block as written. Returns the sums."""
-    d = current.d
-    add_ids = np.asarray(add_ids, dtype=np.int64).reshape(-1)
-    add_vectors = np.ascontiguousarray(add_vectors, dtype=np.float32).reshape(-1, d)
-    keep = np.ones(current.ntotal, bool)
-    if len(remove) and current.ntotal:
-        rows, found = current.rows_of(np.asarray(remove, dtype=np.int64))
-        keep[rows[found]] = False
-    kept = int(keep.sum())
-    n = kept + len(add_ids)
-    last = int(np.asarray(current.ids[-1])) if current.ntotal and current._order is None else None
-    ascending = (current._order is None and bool(np.all(np.diff(add_ids) > 0))
-                 and (last is None or not len(add_ids) or int(add_ids[0]) > last))
-    pieces = _sorted_pieces(current, keep, add_ids, add_vectors) if not ascending else None
+Source = tuple[ExactVectors, "np.ndarray | None"]  # a segment (or new rows) and which of its rows to keep
+
+
+def write_sources(path: Path, gen: int, d: int, sources: list[Source]) -> FileSums:
+    """One generation's file from the kept rows of `sources`, in order, streamed in chunks into `path` (temp
+    file, fsync, rename) and summed block by block as written. Returns the sums.
+
+    Memory: a chunk, unless the rows' ids would not ascend (a file of an older version, or new ids below
+    stored ones): those are sorted in memory, once; the file written ascends again."""
+    keeps = [np.ones(src.ntotal, bool) if keep is None else keep for src, keep in sources]
+    n = sum(int(k.sum()) for k in keeps)
+    ascending = True
+    last: int | None = None
+    for (src, _), keep in zip(sources, keeps, strict=True):
+        if src._order is not None:
+            ascending = False
+            break
+        kept_ids = np.flatnonzero(keep)
+        if len(kept_ids):
+            first = int(np.asarray(src.ids[int(kept_ids[0])]))
+            if last is not None and first <= last:
+                ascending = False
+                break
+            last = int(np.asarray(src.ids[int(kept_ids[-1])]))
+    if not ascending:
+        ids = np.concatenate([np.asarray(src.ids)[keep] for (src, _), keep in zip(sources, keeps, strict=True)])
+        vectors = np.concatenate([np.asarray(src.vectors)[keep] for (src, _), keep in zip(sources, keeps, strict=True)])
+        order = np.argsort(ids, kind="stable")
+        sources, keeps = [(ExactVectors(d, ids[order], np.ascontiguousarray(vectors[order])), None)], [np.ones(n, bool)]
     head = header(d, n)
     summer = Summer(block_size(len(head) + n * (4 * d + 8) + 8))
-    step = _rows(current.ntotal, d)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -219,36 +230,23 @@ def write_next(current: ExactVectors, path: Path, gen: int, add_ids: np.ndarray,
                 summer.update(view)
 
             put(head)
-            if pieces is not None:
-                put(pieces[1].astype("<f4", copy=False))
-                put(struct.pack("<q", n))
-                put(pieces[0].astype("<i8", copy=False))
-                return
-            for a in range(0, current.ntotal, step):
-                part, kept_here = np.asarray(current.vectors[a:a + step], dtype="<f4"), keep[a:a + step]
-                put(part if kept_here.all() else part[kept_here])  # straight from the mapped file
-            put(add_vectors.astype("<f4", copy=False))
-            put(struct.pack("<q", n))
-            for a in range(0, current.ntotal, step):
-                put(np.asarray(current.ids[a:a + step], dtype="<i8")[keep[a:a + step]])
-            put(add_ids.astype("<i8", copy=False))
+            for part in ("vectors", "ids"):
+                if part == "ids":
+                    put(struct.pack("<q", n))
+                for (src, _), keep in zip(sources, keeps, strict=True):
+                    step = _rows(src.ntotal, d)
+                    whole = bool(keep.all())
+                    for a in range(0, src.ntotal, step):
+                        rows = np.asarray(getattr(src, part)[a:a + step], dtype="<f4" if part == "vectors" else "<i8")
+                        put(rows if whole else rows[keep[a:a + step]])  # straight from the mapped file
 
     atomic_write_with(path, write)
     return FileSums(gen, summer.size, summer.block, summer.done())
 
 
-def _sorted_pieces(current: ExactVectors, keep: np.ndarray, add_ids: np.ndarray, add_vectors: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of kept and new rows sorted by id, in memory: only for a store whose ids do not ascend
-    (an older file) or a commit whose ids come before stored ones; the next generation ascends again."""
-    ids = np.concatenate([np.asarray(current.ids)[keep], add_ids])
-    vectors = np.concatenate([np.asarray(current.vectors)[keep], add_vectors])
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.ascontiguousarray(vectors[order])
-
-
 def write_all(path: Path, gen: int, ids: np.ndarray, vectors: np.ndarray) -> FileSums:
-    """A generation holding exactly these (id, vector) pairs (repair's rewrite of what survived)."""
-    d = int(vectors.shape[1])
-    return write_next(ExactVectors.empty(d), path, gen, ids, vectors, np.zeros(0, np.int64))
-
+    """A generation holding exactly these (id, vector) pairs."""
+    d = int(np.asarray(vectors).shape[1])
+    rows = ExactVectors(d, np.asarray(ids, dtype=np.int64).reshape(-1),
+                        np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, d))
+    return write_sources(path, gen, d, [(rows, None)])

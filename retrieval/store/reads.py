@@ -159,11 +159,12 @@ class StoreReads:
         return int(index.ntotal) if index is not None else 0
 
     def vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of a modality: for oracles, exports and rebuilds."""
+        """(ids, vectors) of a modality, in memory: for oracles and exports (builds read the mapped store)."""
         index = self.indexes.get(modality)
         if index is None:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return vec.vectors_of(index)
+        ids, vectors = vec.vectors_of(index)
+        return ids, np.array(vectors, dtype=np.float32)
 
     def vector(self, modality: str, item_id: int) -> np.ndarray:
         """The stored vector of one item."""
@@ -201,7 +202,7 @@ class StoreReads:
     def size_on_disk(self) -> int:
         """Bytes used by the catalog (in the home, or in PostgreSQL) and the current vector files."""
         total = self.reader.catalog_bytes()
-        for p in [self._vector_path(m, g) for m, g in self.generations.items() if g]:
+        for p in [self._vector_path(m, g) for m, index in self.indexes.items() for g in getattr(index, "gens", ())]:
             if p.is_file():
                 total += p.stat().st_size
         for m, st in self._ann.state.items():

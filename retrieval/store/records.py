@@ -17,7 +17,7 @@ from retrieval.media.photo_meta import PhotoMeta
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
-SCHEMA_VERSION = 4  # schema.py's tables; read-only stores compare against it without importing them
+SCHEMA_VERSION = 5  # schema.py's tables; read-only stores compare against it without importing them
 
 
 def schema_too_new(home: Path, found: int) -> SchemaTooNew:

@@ -19,7 +19,7 @@ import numpy as np
 
 from retrieval.errors import IndexMismatch
 from retrieval.model.spec import Fingerprint
-from retrieval.store import checksums, exact
+from retrieval.store import checksums, exact, exact_segments
 from retrieval.store import vectors as vec
 from retrieval.store.ann_upkeep import AnnUpkeep
 from retrieval.store.reader import CatalogReader
@@ -113,11 +113,10 @@ class StoreRepair:
                 report.rows_dropped += len(no_vec)
                 report.vectors_dropped += len(no_row)
                 gen = max(self.generations.get(m, 0), int(self.meta.get(f"maxgen.{m}", "0"))) + 1
-                sums = exact.write_next(index, self._vector_path(m, gen), gen, np.zeros(0, np.int64),
-                                        np.zeros((0, index.d), np.float32), no_row)
-                for key, value in ((f"gen.{m}", str(gen)), (f"maxgen.{m}", str(gen)), (f"sums.{m}", sums.to_json())):
-                    writes.put_meta(s, key, value)
-                    self.meta[key] = value
+                fresh, sums = exact_segments.compact(index, no_row, gen, self._vector_path(m, gen))
+                writes.set_meta(s, exact_segments.meta_after(self.meta, m, self.indexes[m], fresh, {gen: sums}, gen),
+                                self.meta)
+                self.indexes[m] = fresh
                 self.generations[m] = gen
                 if self.fingerprint is not None:  # ANN: derived, rebuilt from the rest
                     self._ann.problem.pop(m, None)
@@ -130,53 +129,76 @@ class StoreRepair:
         self._load(check=True)
         return report
 
-    def _intact(self, modality: str, report: RepairReport) -> exact.ExactVectors:
+    def _intact(self, modality: str, report: RepairReport) -> exact_segments.ExactStore:
         """The modality's exact store holding only entries whose bytes pass their checksums and whose
-        vectors are finite (in memory when anything was dropped: repair reads the whole file anyway)."""
-        index: exact.ExactVectors = self.indexes[modality]
-        gen = self.generations.get(modality, 0)
-        path = self._vector_path(modality, gen)
-        if gen == 0:
-            return index
-        if not path.is_file():
-            report.notes.append(f"{path.name} is missing: the rows it held vectors for are dropped")
-            return index
+        vectors are finite, segment by segment (in memory when anything was dropped: repair reads every
+        segment anyway); what was loaded when nothing was."""
+        index: exact_segments.ExactStore = self.indexes[modality]
         d = int(index.d)
-        flat = checksums.read_flat(path, d)
-        if flat is None:  # the store opened only files of the right layout: this one holds nothing usable
-            report.notes.append(f"{path.name} is unreadable (not the size of a vector file): its vectors "
-                                f"are lost and the rows they belonged to are dropped")
-            return exact.ExactVectors.empty(d)
+        ids_kept: list[np.ndarray] = []
+        vectors_kept: list[np.ndarray] = []
+        changed = False
+        for gen in exact_segments.named(self.meta, modality):
+            path = self._vector_path(modality, gen)
+            if not path.is_file():
+                report.notes.append(f"{path.name} is missing: the rows it held vectors for are dropped")
+                changed = True
+                continue
+            flat = checksums.read_flat(path, d)
+            if flat is None:
+                report.notes.append(f"{path.name} is unreadable (not the size of a vector file): its vectors "
+                                    f"are lost and the rows they belonged to are dropped")
+                changed = True
+                continue
+            ids, vectors, at_vectors, at_ids = flat
+            bad = self._damaged(path, gen, modality, flat, report)
+            if gen not in index.gens:
+                report.notes.append(f"{path.name}: its header is damaged; {int((~bad).sum())} of {len(ids)} "
+                                    f"vectors recovered from the file's layout")
+            changed |= bool(bad.any()) or gen not in index.gens
+            ids_kept.append(ids[~bad])
+            vectors_kept.append(vectors[~bad])
+        all_ids = np.concatenate(ids_kept) if ids_kept else np.zeros(0, np.int64)
+        repeated = (all_ids < 0) | _repeated(all_ids)
+        if not changed and not repeated.any():
+            return index
+        if repeated.any():
+            report.vectors_dropped += int(repeated.sum())
+            report.notes.append(f"{int(repeated.sum())} vectors with bad or repeated ids dropped; their rows go "
+                                f"with them")
+        all_vectors = np.concatenate(vectors_kept) if vectors_kept else np.zeros((0, d), np.float32)
+        fresh = exact.ExactVectors(d, np.ascontiguousarray(all_ids[~repeated]),
+                                   np.ascontiguousarray(all_vectors[~repeated]))
+        store = exact_segments.ExactStore(d, [0], [fresh])
+        self.indexes[modality] = store
+        return store
+
+    def _damaged(self, path: Path, gen: int, modality: str, flat: tuple[np.ndarray, np.ndarray, int, int],
+                 report: RepairReport) -> np.ndarray:
+        """Which entries of one segment cannot be trusted: in blocks failing their checksums, or not finite."""
         ids, vectors, at_vectors, at_ids = flat
+        d = int(vectors.shape[1])
         bad = ~np.isfinite(vectors).all(axis=1) if len(vectors) else np.zeros(0, bool)
         non_finite = int(bad.sum())
-        sums = checksums.FileSums.from_json(self.meta.get(f"sums.{modality}"))
+        sums = exact_segments.sums_of(self.meta, modality, gen)
         damaged = 0
-        if sums is not None and sums.gen == gen:
+        if sums is not None:
             spans = checksums.damaged_spans(path, sums)
-            if spans is None:  # yet faiss or the layout read it: keep what reads, the rows agree or go
+            if spans is None:  # yet the layout read it: keep what reads, the rows agree or go
                 report.notes.append(f"{path.name} is not the size that was written: its checksums cannot "
                                     f"place damage, so only NaN/inf vectors are dropped")
             elif spans:
                 hit = _rows_hit(spans, len(ids), d, at_vectors, at_ids)
                 damaged = int((hit & ~bad).sum())
                 bad |= hit
-        bad |= (ids < 0) | _repeated(ids)
-        if not bad.any() and flat is not None and len(ids) == index.ntotal:
-            return index
-        fresh = exact.ExactVectors(d, np.ascontiguousarray(ids[~bad]), np.ascontiguousarray(vectors[~bad]))
-        self.indexes[modality] = fresh
-        if int(index.ntotal) != len(ids):
-            report.notes.append(f"{path.name}: its header is damaged; {int((~bad).sum())} of {len(ids)} vectors "
-                                f"recovered from the file's layout")
         dropped = int(bad.sum())
         report.vectors_dropped += dropped
         if dropped:
             what = [f"{damaged} in blocks that fail their checksum"] if damaged else []
             what += [f"{non_finite} not finite (NaN/inf)"] if non_finite else []
-            report.notes.append(f"{path.name}: {dropped} damaged vectors dropped ({', '.join(what) or 'bad ids'}); "
+            report.notes.append(f"{path.name}: {dropped} damaged vectors dropped ({', '.join(what)}); "
                                 f"their rows go with them")
-        return fresh
+        return bad
 
 
 def _rows_hit(spans: list[tuple[int, int]], n: int, d: int, at_vectors: int, at_ids: int) -> np.ndarray:

@@ -10,6 +10,7 @@ re-embeds those images from their files. Only repair calls this, holding the wri
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -22,14 +23,14 @@ import numpy as np
 from retrieval.errors import IndexMismatch
 from retrieval.fsutil import fsync_dir
 from retrieval.model.spec import Fingerprint
-from retrieval.store import checksums
+from retrieval.store import checksums, exact_segments
 from retrieval.store import vectors as vec
 from retrieval.store.guards import vector_files
 from retrieval.store.records import CATALOG, MODALITIES, SCHEMA_VERSION
 
 _KEYS = ("model", "checkpoint_stat", *(f"{k}.{m}" for k in ("gen", "maxgen", "sums", "ann", "annmax")
                                      for m in MODALITIES))
-_RESET = ("gen.", "maxgen.", "sums.")  # recomputed from the files on disk
+_RESET = ("gen.", "maxgen.", "sums.", "segs.")  # recomputed from the files on disk
 
 
 def _read_only(path: Path, salvage: bool = False) -> sqlite3.Connection:
@@ -115,15 +116,19 @@ def _ids_in(path: Path, dim: int) -> np.ndarray | None:
     return flat[0] if flat is not None else None
 
 
-def _pick(home: Path, modality: str, meta: dict[str, str], dim: int) -> tuple[int, np.ndarray] | None:
-    """(generation, ids) of the vector file to keep: the one the catalog named, else the newest readable."""
+def _pick(home: Path, modality: str, meta: dict[str, str], dim: int) -> tuple[list[int], np.ndarray] | None:
+    """(segments, ids) of the vector files to keep: the segments the catalog named when every one reads, else
+    the newest readable file (the other segments' rows are then re-embedded by the next index run)."""
     gens = vector_files(home)[modality]
-    raw = meta.get(f"gen.{modality}", "")
-    named = int(raw) if raw.isdigit() else 0
-    for gen in ([named] if named in gens else []) + [g for g in reversed(gens) if g != named]:
+    named = exact_segments.named(meta, modality)
+    if named and set(named) <= set(gens):
+        parts = [_ids_in(home / "vectors" / f"{modality}-{g}.faiss", dim) for g in named]
+        if all(p is not None for p in parts):
+            return named, np.concatenate([p for p in parts if p is not None])
+    for gen in reversed(gens):
         ids = _ids_in(home / "vectors" / f"{modality}-{gen}.faiss", dim)
         if ids is not None:
-            return gen, ids
+            return [gen], ids
     return None
 
 
@@ -170,7 +175,7 @@ def rebuild(home: Path, why: str) -> list[str]:
     found: dict[int, tuple[Any, ...]] = {}
     skipped: list[tuple[Any, ...]] = []
     seq = 0
-    picks: dict[str, tuple[int, np.ndarray]] = {}
+    picks: dict[str, tuple[list[int], np.ndarray]] = {}
     db = _read_only(path, salvage=True) if path.is_file() else None
     try:
         meta = _meta(db) if db else {}
@@ -198,10 +203,12 @@ def rebuild(home: Path, why: str) -> list[str]:
         if gens:
             new_meta[f"maxgen.{m}"] = str(max(gens + [int(meta.get(f"maxgen.{m}", "0") or 0)]))
         if m in picks:
-            new_meta[f"gen.{m}"] = str(picks[m][0])
-            sums = checksums.FileSums.from_json(meta.get(f"sums.{m}"))
-            if sums and sums.gen == picks[m][0]:
-                new_meta[f"sums.{m}"] = meta[f"sums.{m}"]
+            new_meta[f"segs.{m}"] = json.dumps(picks[m][0])
+            new_meta[f"gen.{m}"] = str(max(picks[m][0]))
+            for g in picks[m][0]:
+                sums = exact_segments.sums_of(meta, m, g)
+                if sums:
+                    new_meta[f"sums.{m}.{g}"] = sums.to_json()
     tmp = home / f"{CATALOG}.rebuilt.tmp"
     kept = _write(tmp, new_meta, columns, list(found.values()), skipped, seq)
     aside = _move_aside(home)

@@ -7,6 +7,7 @@ Only writers and migrations import this module (SQLAlchemy costs 0.3-0.4 s); rea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    select,
     update,
 )
 from sqlalchemy import column as sql_column
@@ -228,7 +230,22 @@ def _v3_to_v4(session: Session) -> None:
         session.execute(sql_text(path_exclusion(table)))
 
 
-LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # found version -> found + 1
+def _v4_to_v5(session: Session) -> None:
+    """Schema 5: the exact store is segments, named by `segs.<modality>` with sums per segment
+    (exact_segments.py). No table changes; an older catalog's one vector file becomes its one segment. The
+    version step is what matters: an older crossmodal, which reads `gen.<modality>` as the whole store, refuses
+    a catalog of segments (schema too new) instead of taking its newest segment for all of it."""
+    meta = {m.key: m.value for m in session.scalars(select(Meta).where(Meta.key.like("%.%")))}
+    for modality in ("image", "text"):
+        gen = int(meta.get(f"gen.{modality}", "0") or 0)
+        if gen and f"segs.{modality}" not in meta:
+            session.merge(Meta(key=f"segs.{modality}", value=json.dumps([gen])))
+            if f"sums.{modality}" in meta:
+                session.merge(Meta(key=f"sums.{modality}.{gen}", value=meta[f"sums.{modality}"]))
+                session.execute(delete(Meta).where(Meta.key == f"sums.{modality}"))
+
+
+LADDER: dict[int, Callable[[Session], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}  # found -> +1
 
 
 def migrate(session: Session, found: int) -> None:

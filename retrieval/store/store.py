@@ -1,10 +1,10 @@
 """The Store facade: catalog rows and vectors change together at one commit point.
 
-Commit protocol: new vectors go to a new generation file (`vectors/<modality>-<gen>.faiss`, written
-atomically) and only then does one SQLite transaction insert the rows and record the new generation.
-A crash before the SQLite commit leaves an orphan file that is ignored; after it, both agree. The
-previous generation is kept one commit longer so readers that opened it keep working. The commit also
-records the file's checksums (checksums.py); opening checks them cheaply, `repair` (repair.py) fully.
+Commit protocol: new vectors go to new segment files (`vectors/<modality>-<gen>.faiss`, written atomically;
+exact_segments.py) and only then does one catalog transaction insert the rows and name the segments. A
+crash before the catalog commit leaves orphan files that are ignored; after it, both agree. Segments no
+longer named are kept one commit longer for readers that opened them. The commit records each file's
+checksums (checksums.py); opening checks them cheaply, `repair` (repair.py) fully.
 
 A read-only store holds the catalog snapshot its vectors were loaded from (for SNAPSHOT_HOLD_S at most, so
 writers' checkpoints never wait long), so its rows always match its vectors; `refresh` loads the latest.
@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval.errors import IndexMismatch, IndexMissing, ModelMismatch
 from retrieval.model.spec import Fingerprint
-from retrieval.store import checksums, exact, guards
+from retrieval.store import checksums, exact, exact_segments, guards
 from retrieval.store import vectors as vec
 from retrieval.store.ann_upkeep import AnnUpkeep, Log, QuerySource
 from retrieval.store.location import CatalogLocation, resolve
@@ -177,41 +177,39 @@ class Store(StoreReads, StoreRepair):
     def _should_map(self, path: Path, ann_serves: bool) -> bool:
         """ANN files: map for readers when the ANN serves or the file is large (faiss cannot grow a mapped
         index, so writers load theirs); the exact store is always mapped unless `mmap=False`."""
-        if self.writable:
-            return False
-        if self.mmap is not None:
-            return self.mmap
+        if self.writable or self.mmap is not None:
+            return not self.writable and bool(self.mmap)
         return ann_serves or path.stat().st_size > vec.memory_available() // 4
 
     def _load_vectors(self, modality: str, check: bool) -> None:
-        """Open the modality's vector file named by `meta` (a lost or damaged one is empty unless `check`)."""
-        gen = int(self.meta.get(f"gen.{modality}", "0"))
-        self.generations[modality] = gen
-        if gen == 0:
-            self.indexes[modality] = exact.ExactVectors.empty(self.fingerprint.dim) if self.fingerprint else None
+        """Map the modality's segments named by `meta` (exact_segments.py); a lost or damaged one is left out
+        unless `check` (repair then finds its rows without vectors)."""
+        gens = exact_segments.named(self.meta, modality)
+        self.generations[modality] = max(gens, default=0)
+        if not gens:
+            self.indexes[modality] = exact_segments.ExactStore.empty(self.fingerprint.dim) if self.fingerprint else None
             return
-        path = self._vector_path(modality, gen)
-        if not path.is_file():
-            if check:
-                raise FileNotFoundError(path)
-            self.indexes[modality] = exact.ExactVectors.empty(self._require_model().dim)  # repair: lost file
-            return
-        problem = checksums.problem_at_open(path, self._sums(modality, gen)) if check else None
-        if problem:
-            raise IndexMismatch(f"vector file {path} {problem}: it is damaged; run `crossmodal repair` (it drops "
-                                f"the damaged vectors), then `crossmodal index` to re-embed them")
-        try:
-            self.mapped[modality] = self.mmap is not False
-            self.indexes[modality] = exact.ExactVectors.open(path, self._require_model().dim,
-                                                             mmap=self.mapped[modality])
-        except IndexMismatch:
-            if check:
-                raise
-            self.indexes[modality] = exact.ExactVectors.empty(self._require_model().dim)
-
-    def _sums(self, modality: str, gen: int) -> checksums.FileSums | None:
-        sums = checksums.FileSums.from_json(self.meta.get(f"sums.{modality}"))
-        return sums if sums is not None and sums.gen == gen else None
+        d = self._require_model().dim
+        self.mapped[modality] = self.mmap is not False
+        kept, segments = [], []
+        for gen in gens:
+            path = self._vector_path(modality, gen)
+            if not path.is_file():
+                if check:
+                    raise FileNotFoundError(path)
+                continue
+            sums = exact_segments.sums_of(self.meta, modality, gen)
+            problem = checksums.problem_at_open(path, sums) if check else None
+            if problem:
+                raise IndexMismatch(f"vector file {path} {problem}: it is damaged; run `crossmodal repair` (it drops "
+                                    f"the damaged vectors), then `crossmodal index` to re-embed them")
+            try:
+                segments.append(exact.ExactVectors.open(path, d, mmap=self.mapped[modality]))
+                kept.append(gen)
+            except IndexMismatch:
+                if check:
+                    raise
+        self.indexes[modality] = exact_segments.ExactStore(d, kept, segments)
 
     def _load(self, check: bool, attempts: int = 3) -> None:
         """Read meta and vectors from one catalog snapshot; retry if a writer rotated files meanwhile.
@@ -279,7 +277,7 @@ class Store(StoreReads, StoreRepair):
         self.meta["model"] = fp.to_json()
         for m in MODALITIES:
             if self.indexes.get(m) is None:
-                self.indexes[m] = exact.ExactVectors.empty(fp.dim)
+                self.indexes[m] = exact_segments.ExactStore.empty(fp.dim)
 
     def set_meta(self, key: str, value: str) -> None:
         """Record one small fact about the index (e.g. the reranker file) in the meta table."""
@@ -304,31 +302,32 @@ class Store(StoreReads, StoreRepair):
         if len(items) != len(vectors):
             raise ValueError("one vector per item is required")
         remove = np.asarray(sorted(set(remove)), dtype=np.int64)
-        index = self.indexes[modality]
-        old_gen = self.generations[modality]
-        new_gen = max(old_gen, int(self.meta.get(f"maxgen.{modality}", "0"))) + 1
+        index: exact_segments.ExactStore = self.indexes[modality]
+        counter = [max(self.generations[modality], int(self.meta.get(f"maxgen.{modality}", "0")))]
+
+        def next_gen() -> int:
+            counter[0] += 1
+            return counter[0]
+
         from retrieval.store import writes
 
         try:
             with writes.transaction(self.engine) as s:
                 writes.delete_ids(s, remove.tolist())
                 ids = np.asarray(writes.insert(s, items), dtype=np.int64)
-                path = self._vector_path(modality, new_gen)
-                sums = exact.write_next(index, path, new_gen, ids, vectors, remove)  # written before the
-                self.indexes[modality] = exact.ExactVectors.open(path, fp.dim)  # catalog names it, with its sums
-                writes.put_meta(s, f"sums.{modality}", sums.to_json())
+                new, written = exact_segments.commit(index, ids, vectors, remove, next_gen,  # files written before
+                                                     lambda g: self._vector_path(modality, g))  # the catalog names them
+                self.indexes[modality] = new
                 self._ann.follow(s, modality, ids, vectors, self.meta, fp.dim)  # writes its file first too
-                writes.put_meta(s, f"gen.{modality}", str(new_gen))
-                writes.put_meta(s, f"maxgen.{modality}", str(new_gen))
+                writes.set_meta(s, exact_segments.meta_after(self.meta, modality, index, new, written, counter[0]),
+                                self.meta)
                 writes.forget_skipped(s, [it.path for it in items if it.path])
         except BaseException:
-            # Memory may hold uncommitted vectors; reload the committed state before anything else.
+            # Memory may hold uncommitted vectors and meta; reload the committed state before anything else.
             self._load(check=False)
             raise
-        self.generations[modality] = new_gen
-        self.meta[f"gen.{modality}"] = self.meta[f"maxgen.{modality}"] = str(new_gen)
-        self.meta[f"sums.{modality}"] = sums.to_json()
-        vec.cleanup(self.home / "vectors", modality, keep={new_gen, old_gen})
+        self.generations[modality] = max(new.gens, default=0)
+        vec.cleanup(self.home / "vectors", modality, keep=set(index.gens) | set(new.gens))
         self._ann.cleanup(modality)
         return [int(i) for i in ids]
 

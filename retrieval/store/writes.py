@@ -86,6 +86,17 @@ def put_meta(s: Session, key: str, value: str) -> None:
     s.merge(Meta(key=key, value=value))
 
 
+def set_meta(s: Session, values: dict[str, str | None], meta: dict[str, str]) -> None:
+    """Set (or, for None, delete) meta values, and mirror them in `meta` (the Store's copy)."""
+    for key, value in values.items():
+        if value is None:
+            s.execute(delete(Meta).where(Meta.key == key))
+            meta.pop(key, None)
+        else:
+            put_meta(s, key, value)
+            meta[key] = value
+
+
 def move(s: Session, moves: Sequence[tuple[int, str, int, float]]) -> None:
     """New (path, bytes, mtime) for rows whose content did not change; their vectors stay.
 

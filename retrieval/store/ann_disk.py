@@ -6,7 +6,8 @@ per 512-d vector with 8-bit codes, 72 with PQ64. Where the lists of the index `a
 exceed 80% of the memory budget, the index is built the way a sharded collection is (ivf_shards.py):
 trained once on a sample, each chunk of the exact store added to its own copy of the trained index and
 written as a shard, the shards merged into one `.ivfdata` file that queries map (only the lists a query
-probes are read). Memory while building: the training sample and one shard.
+probes are read). Memory while building: the training sample, one shard's codes (a quarter of the budget)
+and 100,000 float vectors at a time.
 
 The merged index is never written to (faiss aborts when a mapped array grows). A commit adds its vectors
 to the delta, an IVF with the same trained quantizer and codes, written as its own small file; queries
@@ -26,7 +27,7 @@ import numpy as np
 
 from retrieval.store import ivf_shards
 from retrieval.store import vectors as vec
-from retrieval.store.ann import TUNE_QUERIES, tune
+from retrieval.store.ann import ADD_CHUNK, TUNE_QUERIES, tune
 from retrieval.store.ann_choice import AnnState
 
 DELTA_REMERGE = 0.25  # rebuild once the delta holds this share of the merged index's vectors
@@ -135,8 +136,10 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState, p
     parts: list[Path] = []
     try:
         for i, start in enumerate(range(0, len(rest), rows_per_shard)):
-            rows = rest[start:start + rows_per_shard]
-            shard = ivf_shards.build_shard(trained, ids[rows], vectors[rows])
+            shard = ivf_shards.copy(trained)
+            for at in range(start, min(start + rows_per_shard, len(rest)), ADD_CHUNK):  # floats: a chunk at a time
+                rows = rest[at:min(at + ADD_CHUNK, start + rows_per_shard)]
+                shard.add_with_ids(np.ascontiguousarray(vectors[rows], dtype=np.float32), ids[rows])
             parts.append(ivf_shards.write(shard, part_path(path, i)))
             del shard
         ivf_shards.merge_on_disk(trained, parts, path)

@@ -165,7 +165,7 @@ class AnnUpkeep:
         self.index[modality] = new_index
         self.state[modality] = state
         self.problem.pop(modality, None)
-        self.dead[modality] = (np.zeros(0, np.int64) if new_index is None else
+        self.dead[modality] = (np.zeros(0, np.int64) if new_index is None or int(new_index.ntotal) == n else
                                np.setdiff1d(ann_disk.held_ids(new_index), vec.ids_of(flat), assume_unique=True))
 
     def _build(self, modality: str, target: str, state: ann.AnnState, log: Log | None, disk: Path | None = None

@@ -137,10 +137,6 @@ class ExactVectors:
         out[order] = self.vectors[rows[order]]
         return out
 
-    def reconstruct(self, item_id: int) -> np.ndarray:
-        row: np.ndarray = self.reconstruct_batch(np.asarray([item_id]))[0]
-        return row
-
     def search(self, queries: np.ndarray, k: int, restrict: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner-product top-k over every row (or the rows of `restrict`'s ids), a chunk at a time with
@@ -148,10 +144,7 @@ class ExactVectors:
         -inf / -1."""
         import faiss
 
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.d)
-        k = max(int(k), 0)
-        best_s = np.full((len(q), k), -np.inf, np.float32)
-        best_r = np.full((len(q), k), -1, np.int64)
+        q, k, best_s, best_r = no_results(queries, self.d, k)
         if restrict is not None:
             rows, found = self.rows_of(np.unique(np.asarray(restrict, dtype=np.int64)))
             picked = np.sort(rows[found])
@@ -170,6 +163,13 @@ class ExactVectors:
         hit = best_r >= 0
         ids[hit] = np.asarray(self.ids)[best_r[hit]]
         return best_s, ids
+
+
+def no_results(queries: np.ndarray, d: int, k: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """(queries as float32 rows, k, scores -inf, ids -1): where a top-k search starts."""
+    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, d)
+    k = max(int(k), 0)
+    return q, k, np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
 
 
 def _merge_top(best_s: np.ndarray, best_r: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int

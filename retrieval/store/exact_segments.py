@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.store.checksums import FileSums
-from retrieval.store.exact import ExactVectors, Source, write_sources
+from retrieval.store.exact import ExactVectors, Source, no_results, write_sources
 
 MERGE_RATIO = 2  # the newest segments are merged into a commit's rows while smaller than twice them
 
@@ -111,10 +111,7 @@ class ExactStore:
     def search(self, queries: np.ndarray, k: int, restrict: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over every segment (or the ids of `restrict`): (scores, ids), padded -inf / -1."""
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.d)
-        k = max(int(k), 0)
-        best_s = np.full((len(q), k), -np.inf, np.float32)
-        best_i = np.full((len(q), k), -1, np.int64)
+        q, k, best_s, best_i = no_results(queries, self.d, k)
         for seg in self.segments:
             scores, ids = seg.search(q, k, restrict)
             all_s = np.concatenate([best_s, np.where(ids >= 0, scores, -np.inf)], axis=1)

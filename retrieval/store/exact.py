@@ -58,10 +58,10 @@ def _rows(n: int, d: int) -> int:
 
 
 class ExactVectors:
-    """A modality's exact vectors: ids (ascending) and float32 rows, mapped from one generation's file.
+    """One segment of a modality's exact store: ids (ascending) and float32 rows, mapped from its file.
 
-    Answers what the store asks of the exact store: `ntotal`, exact top-k `search` (optionally restricted
-    to some ids), `reconstruct` / `reconstruct_batch` by id, and the arrays themselves. Never written to."""
+    Answers what the store asks of a segment (exact_segments.py): `ntotal`, exact top-k `search` (optionally
+    restricted to some ids), `reconstruct_batch` by id, and the arrays themselves. Never written to."""
 
     def __init__(self, d: int, ids: np.ndarray, vectors: np.ndarray, path: Path | None = None) -> None:
         self.d = d

@@ -1,4 +1,5 @@
-"""FAISS vector files: one inner-product index per modality, ids equal to catalog primary keys.
+"""FAISS vector files (ANN indexes; the exact store's segments are read by exact.py), ids equal to catalog
+primary keys.
 
 Files are never written in place: `fsutil.atomic_write_with` writes `name.tmp`, fsyncs, renames and fsyncs
 the folder, so a crash leaves either the old file or the new one, never half of one.
@@ -20,12 +21,6 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
-
-
-def new_index(dim: int) -> Any:
-    """An exact inner-product index whose ids are ours (IndexIDMap2 keeps a reverse map for reconstruct)."""
-    faiss = _faiss()
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
 def write_atomic(index: Any, path: Path) -> None:
@@ -61,21 +56,8 @@ def ids_of(index: Any) -> np.ndarray:
 
 
 def vectors_of(index: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 vectors) of every stored entry, in storage order (the exact store's stay mapped)."""
-    if not hasattr(index, "id_map"):
-        return np.asarray(index.ids, dtype=np.int64), index.vectors
-    ids = ids_of(index)
-    if len(ids) == 0:
-        return ids, np.zeros((0, index.d), dtype=np.float32)
-    return ids, index.index.reconstruct_n(0, index.ntotal)
-
-
-def remove_ids(index: Any, ids: np.ndarray) -> int:
-    """Drop entries by id; returns how many were removed."""
-    faiss = _faiss()
-    if len(ids) == 0:
-        return 0
-    return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
+    """(ids, float32 vectors) of the exact store, in storage order (mapped: rows are read when indexed)."""
+    return ids_of(index), index.vectors
 
 
 def cleanup(folder: Path, modality: str, keep: set[int]) -> None:

@@ -336,12 +336,17 @@ def test_writers_map_the_exact_store_and_commit_to_it(tmp_path: Path) -> None:
 # ---- the CLI --------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_cli_reindex_and_search_knobs(tmp_path: Path, built_index: Path, encoder) -> None:
+def grown_home(tmp_path: Path, built_index: Path, dim: int, n: int) -> Path:
+    """A copy of the CLI tests' index with `n` clustered image vectors more (enough for an ANN index)."""
     home = tmp_path / "home"
     shutil.copytree(built_index, home, ignore=shutil.ignore_patterns("*.lock"))
-    dim = encoder.fingerprint.dim
     with Store.open(home, writable=True) as st:
-        st.add_images(records(10_000, 1500), clustered(1500, dim=dim))
+        st.add_images(records(10_000, n), clustered(n, dim=dim))
+    return home
+
+
+def test_cli_reindex_and_search_knobs(tmp_path: Path, built_index: Path, encoder) -> None:
+    home = grown_home(tmp_path, built_index, encoder.fingerprint.dim, 1500)
     r = run_cli("reindex", "--index-type", "hnsw", "--json", home=home)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)

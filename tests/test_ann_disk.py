@@ -5,7 +5,6 @@ checked against exact search (numpy brute force), before and after commits, dele
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from retrieval.model.spec import Fingerprint
 from retrieval.store import Store, ann, ann_disk
 from tests.helpers import run_cli
-from tests.test_ann import DIM, clustered, records
+from tests.test_ann import DIM, clustered, grown_home, records
 
 BUDGET = 1 << 20  # 1 MB: 8-bit codes of more than 11,650 64-d vectors (72 bytes each) exceed 80% of it
 
@@ -155,12 +154,8 @@ def test_lost_lists_mean_exact_search_until_repair(disk_home: tuple[Path, np.nda
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_cli_reindex_with_a_small_budget_puts_the_lists_on_disk(tmp_path: Path, built_index: Path, encoder) -> None:
-    home = tmp_path / "home"
-    shutil.copytree(built_index, home, ignore=shutil.ignore_patterns("*.lock"))
     dim = encoder.fingerprint.dim
-    n = int(0.8 * BUDGET / (dim + 8)) + 2000
-    with Store.open(home, writable=True) as st:
-        st.add_images(records(10_000, n), clustered(n, dim=dim))
+    home = grown_home(tmp_path, built_index, dim, int(0.8 * BUDGET / (dim + 8)) + 2000)  # lists > 80% of 1 MB
     r = run_cli("reindex", "--index-type", "ivfsq", "--memory-budget", "1M", "--json", home=home)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)["image"]

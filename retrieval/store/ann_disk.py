@@ -18,6 +18,7 @@ Deleted ids are tombstones hidden at search time, as for every ANN index here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from retrieval.store import ivf_shards
 from retrieval.store import vectors as vec
 from retrieval.store.ann import ADD_CHUNK, TUNE_QUERIES, tune
 from retrieval.store.ann_choice import AnnState
+from retrieval.store.exact import keep_best
 
 DELTA_REMERGE = 0.25  # rebuild once the delta holds this share of the merged index's vectors
 SHARD_SHARE = 4  # a shard's lists take at most a quarter of the memory budget while building
@@ -66,11 +68,7 @@ class SplitIndex:
         if not self.delta.ntotal:
             return scores, ids
         more_s, more_i = self.delta.search(queries, k, params=params)
-        all_s = np.concatenate([scores, more_s], axis=1)
-        all_i = np.concatenate([ids, more_i], axis=1)
-        all_s = np.where(all_i >= 0, all_s, -np.inf)
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+        return keep_best(scores, ids, more_s, more_i, k)
 
 
 def list_ids(index: Any) -> np.ndarray:
@@ -123,8 +121,6 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState, p
           cross: dict[str, np.ndarray] | None = None) -> tuple[SplitIndex, AnnState]:
     """Build `factory` over (ids, vectors: the mapped exact store) with its lists in `path`'s `.ivfdata`,
     shard by shard, and tune it as ann.build does (a held-out sample, added to the delta once tuned)."""
-    import time
-
     n = len(ids)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -152,7 +148,8 @@ def build(factory: str, ids: np.ndarray, vectors: np.ndarray, state: AnnState, p
                  np.ascontiguousarray(vectors[tune_rows], dtype=np.float32), exact_search, exact_vectors,
                  kind=kind, cross=cross)
     if log:
-        log(f"trained {factory} in {t1 - t0:.1f} s; {len(rest)} vectors added in {len(parts)} shards and "
-            f"merged on disk in {t2 - t1:.1f} s; tuned in {time.perf_counter() - t2:.1f} s")
+        shards = f"{len(parts)} shard" + ("" if len(parts) == 1 else "s")
+        log(f"trained {factory} in {t1 - t0:.1f} s; {len(rest)} vectors added in {shards} and merged on disk in "
+            f"{t2 - t1:.1f} s; tuned in {time.perf_counter() - t2:.1f} s")
     index.add_with_ids(vectors[tune_rows], ids[tune_rows])
     return index, tuned

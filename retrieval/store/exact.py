@@ -158,7 +158,7 @@ class ExactVectors:
             block = self.vectors[a:b] if candidates is None else self.vectors[candidates[a:b]]
             scores, found_rows = faiss.knn(q, block, min(k, b - a), metric=faiss.METRIC_INNER_PRODUCT)
             rows = found_rows + a if candidates is None else candidates[a:b][found_rows]
-            best_s, best_r = _merge_top(best_s, best_r, scores, rows, k)
+            best_s, best_r = keep_best(best_s, best_r, scores, rows, k)
         ids = np.full(best_r.shape, -1, np.int64)
         hit = best_r >= 0
         ids[hit] = np.asarray(self.ids)[best_r[hit]]
@@ -172,18 +172,15 @@ def no_results(queries: np.ndarray, d: int, k: int) -> tuple[np.ndarray, int, np
     return q, k, np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
 
 
-def _merge_top(best_s: np.ndarray, best_r: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the k best of (best so far, a chunk's top-k) per query; equal scores keep the earlier chunk."""
-    if best_s.shape[1] == 0 or not np.isfinite(best_s).any():
-        out_s = np.full(best_s.shape, -np.inf, np.float32)
-        out_r = np.full(best_r.shape, -1, np.int64)
-        out_s[:, :scores.shape[1]], out_r[:, :scores.shape[1]] = scores, rows
-        return out_s, out_r
-    all_s = np.concatenate([best_s, scores], axis=1)
-    all_r = np.concatenate([best_r, rows], axis=1)
+def keep_best(scores: np.ndarray, labels: np.ndarray, more_scores: np.ndarray, more_labels: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, label) pairs per query of two result sets (a label of -1 is padding, last); equal
+    scores keep the first set's first. How partial top-k results (chunks, segments, index parts) combine."""
+    all_s = np.concatenate([scores, more_scores], axis=1)
+    all_l = np.concatenate([labels, more_labels], axis=1)
+    all_s = np.where(all_l >= 0, all_s, -np.inf).astype(np.float32)
     order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_r, order, axis=1)
+    return np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_l, order, axis=1)
 
 
 Source = tuple[ExactVectors, "np.ndarray | None"]  # a segment (or new rows) and which of its rows to keep

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.store.checksums import FileSums
-from retrieval.store.exact import ExactVectors, Source, no_results, write_sources
+from retrieval.store.exact import ExactVectors, Source, keep_best, no_results, write_sources
 
 MERGE_RATIO = 2  # the newest segments are merged into a commit's rows while smaller than twice them
 
@@ -114,10 +114,7 @@ class ExactStore:
         q, k, best_s, best_i = no_results(queries, self.d, k)
         for seg in self.segments:
             scores, ids = seg.search(q, k, restrict)
-            all_s = np.concatenate([best_s, np.where(ids >= 0, scores, -np.inf)], axis=1)
-            all_i = np.concatenate([best_i, ids], axis=1)
-            order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]  # equal scores: the earlier segment's
-            best_s, best_i = np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+            best_s, best_i = keep_best(best_s, best_i, scores, ids, k)
         return best_s, best_i
 
 
@@ -134,8 +131,9 @@ def _removed(seg: ExactVectors, remove: np.ndarray) -> np.ndarray | None:
 
 
 def commit(store: ExactStore, add_ids: np.ndarray, add_vectors: np.ndarray, remove: np.ndarray,
-           next_gen: Callable[[], int], path_of: Callable[[int], Path]) -> tuple[ExactStore, dict[int, FileSums]]:
-    """Write the files of the store after a commit and return it, with the sums of each file written.
+           last_gen: int, path_of: Callable[[int], Path]) -> tuple[ExactStore, dict[int, FileSums]]:
+    """Write the files of the store after a commit and return it, with the sums of each file written (their
+    generations follow `last_gen`, the highest one ever used).
 
     Segments losing ids are rewritten without them (dropped when emptied); the new rows become a segment,
     merged with the newest segments while those are smaller than MERGE_RATIO times what is being written."""
@@ -159,7 +157,7 @@ def commit(store: ExactStore, add_ids: np.ndarray, add_vectors: np.ndarray, remo
     def write(sources: list[Source]) -> None:
         if not sum(src.ntotal if keep is None else int(keep.sum()) for src, keep in sources):
             return  # every row of it was deleted
-        gen = next_gen()
+        gen = max([last_gen, *written]) + 1
         written[gen] = write_sources(path_of(gen), gen, d, sources)
         out.append((gen, ExactVectors.open(path_of(gen), d)))
 
@@ -202,12 +200,12 @@ def sums_of(meta: dict[str, str], modality: str, gen: int) -> FileSums | None:
 
 
 def meta_after(meta: dict[str, str], modality: str, old: ExactStore, new: ExactStore,
-               written: dict[int, FileSums], maxgen: int) -> dict[str, str | None]:
+               written: dict[int, FileSums], last_gen: int) -> dict[str, str | None]:
     """The meta values a commit records for the store it wrote (None: delete the key): the segments, the
-    newest generation, the counter, each new file's sums; sums of segments no longer named go."""
+    newest generation, the highest ever used, each new file's sums; sums of segments no longer named go."""
     out: dict[str, str | None] = {f"segs.{modality}": json.dumps(new.gens),
                                   f"gen.{modality}": str(max(new.gens, default=0)),
-                                  f"maxgen.{modality}": str(maxgen)}
+                                  f"maxgen.{modality}": str(max([last_gen, *written]))}
     out.update({f"sums.{modality}.{g}": sums.to_json() for g, sums in written.items()})
     out.update({f"sums.{modality}.{g}": None for g in set(old.gens) - set(new.gens) if f"sums.{modality}.{g}" in meta})
     legacy = FileSums.from_json(meta.get(f"sums.{modality}"))

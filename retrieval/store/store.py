@@ -303,23 +303,18 @@ class Store(StoreReads, StoreRepair):
             raise ValueError("one vector per item is required")
         remove = np.asarray(sorted(set(remove)), dtype=np.int64)
         index: exact_segments.ExactStore = self.indexes[modality]
-        counter = [max(self.generations[modality], int(self.meta.get(f"maxgen.{modality}", "0")))]
-
-        def next_gen() -> int:
-            counter[0] += 1
-            return counter[0]
-
+        last_gen = max(self.generations[modality], int(self.meta.get(f"maxgen.{modality}", "0")))
         from retrieval.store import writes
 
         try:
             with writes.transaction(self.engine) as s:
                 writes.delete_ids(s, remove.tolist())
                 ids = np.asarray(writes.insert(s, items), dtype=np.int64)
-                new, written = exact_segments.commit(index, ids, vectors, remove, next_gen,  # files written before
+                new, written = exact_segments.commit(index, ids, vectors, remove, last_gen,  # files written before
                                                      lambda g: self._vector_path(modality, g))  # the catalog names them
                 self.indexes[modality] = new
                 self._ann.follow(s, modality, ids, vectors, self.meta, fp.dim)  # writes its file first too
-                writes.set_meta(s, exact_segments.meta_after(self.meta, modality, index, new, written, counter[0]),
+                writes.set_meta(s, exact_segments.meta_after(self.meta, modality, index, new, written, last_gen),
                                 self.meta)
                 writes.forget_skipped(s, [it.path for it in items if it.path])
         except BaseException:
